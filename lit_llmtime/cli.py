@@ -3,12 +3,51 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from jsonargparse import auto_cli
+from jsonargparse import auto_cli, lazy_instance
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 
-from lit_llmtime.data import DEFAULT_DATA_PATH, OFFLINE_TOKENIZER, DataFileError
+from lit_llmtime.data import DEFAULT_DATA_PATH, OFFLINE_TOKENIZER, DataFileError, LotkaVolterraDataModule
+from lit_llmtime.model import LLMTimeLoRA
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+CHECKPOINT_ROOT = Path("checkpoints")
+TRAINER_DEFAULTS = {
+    "logger": lazy_instance(TensorBoardLogger, save_dir="lightning_logs", name="llmtime", default_hp_metric=False)
+}
+
+
+class LitLLMTimeCLI(LightningCLI):
+    """LightningCLI with the data module's tokenizer, context length and batch size driving the model's."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for name in ("tokenizer", "context_length", "batch_size"):
+            parser.link_arguments(f"data.{name}", f"model.{name}")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.save_last": True})
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+
+    def before_fit(self) -> None:
+        """Checkpoints go to ``checkpoints/<logger name>/version_<n>``, next to the TensorBoard run's name."""
+        callback, logger = self.trainer.checkpoint_callback, self.trainer.logger
+        if callback is not None and callback.dirpath is None and logger is not None:
+            callback.dirpath = str(CHECKPOINT_ROOT / logger.name / f"version_{logger.version}")
+
+
+def lightning_cli(args: list[str] | None = None) -> LightningCLI:
+    """Run ``fit``/``validate``/``test``/``predict`` with ``args`` (a YAML via ``--config``)."""
+    return LitLLMTimeCLI(
+        LLMTimeLoRA,
+        LotkaVolterraDataModule,
+        args=args,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "lit-llmtime"},
+    )
 
 
 def simulate(out: str = DEFAULT_DATA_PATH, n: int = 1000, steps: int = 100, seed: int = 0) -> None:
@@ -67,14 +106,12 @@ TOOLS = {"simulate": simulate, "encode": encode}
 
 def main(args: list[str] | None = None) -> None:
     """Dispatch to LightningCLI or a tool; user mistakes end in one clear line, not a traceback."""
-    args = sys.argv[1:] if args is None else list(args)
+    argv = sys.argv[1:] if args is None else list(args)
     try:
-        if args and args[0] in LIGHTNING_SUBCOMMANDS:
-            from lit_llmtime.training_cli import lightning_cli
-
-            lightning_cli(args)
+        if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+            lightning_cli(args)  # None: LightningCLI reads sys.argv itself
         else:
-            auto_cli(TOOLS, args=args, as_positional=False, prog="lit-llmtime")
+            auto_cli(TOOLS, args=argv, as_positional=False, prog="lit-llmtime")
     except (DataFileError, FileNotFoundError, ValueError) as error:
         sys.exit(f"lit-llmtime: error: {error}")
 

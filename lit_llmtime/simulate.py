@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 from scipy.integrate import solve_ivp
+
+from lit_llmtime.io import atomic_path
 
 # The real data's fitted parameters are correlated: its time-averaged prey (= d/c on a closed
 # orbit) is about 1.7 and predator (= a/b) about 0.57, which independent draws from the fitted
@@ -68,16 +68,7 @@ def simulate(n: int = 1000, steps: int = 100, seed: int = 0) -> tuple[np.ndarray
 
 def write_h5(path: str | Path, trajectories: np.ndarray, time: np.ndarray) -> Path:
     """Write ``trajectories`` and ``time`` datasets atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("trajectories", data=trajectories)
-            f.create_dataset("time", data=time)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("trajectories", data=trajectories)
+        f.create_dataset("time", data=time)
+    return Path(path)
