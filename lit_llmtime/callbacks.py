@@ -1,14 +1,18 @@
-"""Lightning callbacks: the FLOP budget that stops training before it is exceeded."""
+"""Lightning callbacks: the FLOP budget that stops training before it is exceeded, and the
+writer of forecasts, metrics and figures."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_llmtime.evaluation import load_npz, merge_predictions, save_npz, write_forecast_outputs
 from lit_llmtime.flops import Accounting, FlopModel
 from lit_llmtime.ledger import DEFAULT_LEDGER, Ledger
 
@@ -199,3 +203,40 @@ class FlopBudget(L.Callback):
                 "started": self._started,
             }
         )
+
+
+class ForecastWriter(BasePredictionWriter):
+    """Writes ``predict``'s forecasts under the run's log folder: ``predictions.npz``,
+    ``metrics.json``, ``metrics.md`` (like the report's tables 4 and 5) and PNG figures (like
+    figures 2 and 5), which also go to TensorBoard. Under several devices each rank writes its
+    part and rank 0 merges them once.
+
+    Args:
+        output_dir: folder for the files (default: ``<log dir>/forecast``).
+        max_figures: figures are drawn for at most this many trajectories.
+    """
+
+    def __init__(self, output_dir: str | None = None, max_figures: int = 12) -> None:
+        super().__init__(write_interval="epoch")
+        self.output_dir = output_dir
+        self.max_figures = max_figures
+
+    def _folder(self, trainer: L.Trainer) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "forecast"
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        folder = self._folder(trainer)
+        part = merge_predictions(predictions)
+        if trainer.world_size > 1:
+            save_npz(folder / f"rank{trainer.global_rank}.npz", part)
+            trainer.strategy.barrier()
+            if not trainer.is_global_zero:
+                return
+            parts = [load_npz(folder / f"rank{r}.npz") for r in range(trainer.world_size)]
+            part = merge_predictions(parts)
+            for r in range(trainer.world_size):
+                (folder / f"rank{r}.npz").unlink()
+        write_forecast_outputs(folder, part, trainer.logger, self.max_figures)
+        rank_zero_info(f"ForecastWriter: wrote {len(part['index'])} forecasts to {folder}")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 from jsonargparse import auto_cli, lazy_instance
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lit_llmtime.callbacks import FlopBudget
+from lit_llmtime.callbacks import FlopBudget, ForecastWriter
 from lit_llmtime.data import DEFAULT_DATA_PATH, OFFLINE_TOKENIZER, DataFileError, LotkaVolterraDataModule
 from lit_llmtime.flops import Accounting, FlopModel
 from lit_llmtime.ledger import DEFAULT_LEDGER, Ledger, LedgerError
@@ -34,6 +35,7 @@ class LitLLMTimeCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(FlopBudget, "flop_budget")
+        parser.add_lightning_class_args(ForecastWriter, "forecast_writer")
 
     def before_instantiate_classes(self) -> None:
         """Refuse a fit that cannot afford even one step, before the model is loaded."""
@@ -149,6 +151,34 @@ def encode(
     print(token_ids)
 
 
+def encode_check(index: int = 972, data: str = DEFAULT_DATA_PATH, decimals: int = 2, out: str | None = None) -> None:
+    """Encode one sample, decode it back and plot both with their difference (report figure 1).
+
+    Args:
+        index: sample index in the data file.
+        data: coursework-layout h5 file.
+        decimals: decimals kept by the codec.
+        out: PNG to write (default reports/encode_check_<index>.png).
+    """
+    from lit_llmtime.data import load_trajectories
+    from lit_llmtime.llmtime import decode
+    from lit_llmtime.llmtime import encode as encode_text
+    from lit_llmtime.plots import plot_encode_check, save_figure
+
+    trajectories, time = load_trajectories(data)
+    if not 0 <= index < len(trajectories):
+        raise ValueError(f"{data}: sample index {index} out of range [0, {len(trajectories)})")
+    text, alpha = encode_text(trajectories[index], decimals=decimals, name=f"sample {index}")
+    decoded = decode(text, alpha).values
+    error = np.abs(decoded - trajectories[index])
+    path = save_figure(
+        plot_encode_check(time, trajectories[index], decoded, index), out or f"reports/encode_check_{index}.png"
+    )
+    bound = 0.5 * 10**-decimals * alpha
+    print(f"sample {index}: alpha {alpha:.6g}; max |decoded - original| {error.max():.3g} (bound {bound:.3g})")
+    print(f"wrote {path}")
+
+
 def _defaults(cls: type) -> dict:
     import inspect
 
@@ -205,7 +235,7 @@ def ledger(path: str = DEFAULT_LEDGER, budget: float = 1e17) -> None:
     print(Ledger(path).table(budget), end="")
 
 
-TOOLS = {"simulate": simulate, "encode": encode, "flops": flops, "ledger": ledger}
+TOOLS = {"simulate": simulate, "encode": encode, "encode-check": encode_check, "flops": flops, "ledger": ledger}
 
 
 def main(args: list[str] | None = None) -> None:

@@ -156,6 +156,8 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         global_scale: one alpha for the whole data set instead of one per trajectory.
         simulate_if_missing: generate a synthetic data set at ``data_path`` if it is missing.
         simulate_n: trajectories to simulate when generating.
+        predict_indices: trajectories to forecast in ``predict``; default: the report's samples
+            972 and 990-999 when the test split holds them, else the whole test split.
     """
 
     def __init__(
@@ -174,6 +176,7 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         global_scale: bool = False,
         simulate_if_missing: bool = False,
         simulate_n: int = 1000,
+        predict_indices: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -213,6 +216,26 @@ class LotkaVolterraDataModule(L.LightningDataModule):
                 )
             windows = chunk_windows(token_ids, hp.context_length, strides[split], self.tokenizer.pad_token_id)
             self.datasets[split] = TokenWindows(windows)
+        indices = np.array(self.predict_indices(), dtype=np.int64)
+        self.datasets["predict"] = TokenWindows(
+            {
+                "index": torch.from_numpy(indices),
+                "trajectory": torch.from_numpy(trajectories[indices].astype(np.float64)),
+                "time": torch.from_numpy(np.asarray(self.time, dtype=np.float64)).expand(len(indices), -1),
+            }
+        )
+
+    def predict_indices(self) -> list[int]:
+        """The trajectories ``predict`` forecasts (checked against the data set)."""
+        n = len(self.trajectories)
+        if self.hparams.predict_indices is not None:
+            bad = [i for i in self.hparams.predict_indices if not 0 <= i < n]
+            if bad:
+                raise ValueError(f"{self.hparams.data_path}: predict_indices {bad} out of range [0, {n})")
+            return list(self.hparams.predict_indices)
+        report = [972, *range(990, 1000)]
+        test = self.splits["test"].tolist()
+        return report if set(report) <= set(test) else test
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -231,3 +254,7 @@ class LotkaVolterraDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Whole trajectories (``index``, ``trajectory`` (T, 2), ``time``) to forecast."""
+        return self._loader("predict", shuffle=False)

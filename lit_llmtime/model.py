@@ -12,8 +12,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen2Config
 
-from lit_llmtime.data import IGNORE_INDEX, OFFLINE_TOKENIZER
-from lit_llmtime.lora import apply_lora, count_trainable, trainable_state_dict
+from lit_llmtime.data import IGNORE_INDEX, OFFLINE_TOKENIZER, load_tokenizer
+from lit_llmtime.flops import FlopModel
+from lit_llmtime.forecast import REFERENCE_FORECASTERS, generate_forecasts, reference_forecast
+from lit_llmtime.lora import apply_lora, count_trainable, merge_lora, trainable_state_dict, unmerge_lora
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 
@@ -78,6 +80,14 @@ class LLMTimeLoRA(L.LightningModule):
         tokenizer: tokenizer of the data (linked from the data module).
         context_length: tokens per training window (linked from the data module).
         batch_size: windows per batch per device (linked from the data module).
+        prompt_steps: time steps given to the model in ``predict``.
+        forecast_steps: time steps it must generate.
+        num_samples: forecasts sampled per trajectory; 1 is greedy, more give a median and 5-95% band.
+        temperature: sampling temperature when ``num_samples > 1``.
+        top_p: nucleus sampling threshold when ``num_samples > 1``.
+        constrained: allow only LLMTIME characters and end-of-text while generating.
+        reference_forecasters: classical forecasters run on the same prompts for comparison
+            (``persistence``, ``lotka_volterra``).
     """
 
     def __init__(
@@ -98,9 +108,19 @@ class LLMTimeLoRA(L.LightningModule):
         tokenizer: str = OFFLINE_TOKENIZER,
         context_length: int = 512,
         batch_size: int = 4,
+        prompt_steps: int = 50,
+        forecast_steps: int = 50,
+        num_samples: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 0.9,
+        constrained: bool = True,
+        reference_forecasters: list[str] = ["persistence", "lotka_volterra"],  # noqa: B006
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        unknown = sorted(set(reference_forecasters) - set(REFERENCE_FORECASTERS))
+        if unknown:
+            raise ValueError(f"unknown reference forecasters {unknown}; choose from {list(REFERENCE_FORECASTERS)}")
         self.model = build_base_model(model_name_or_path, model_config, getattr(torch, torch_dtype), init_seed)
         self.lora_modules = apply_lora(
             self.model, lora_targets, lora_rank, lora_alpha, lora_dropout, train_lm_head_bias
@@ -156,6 +176,48 @@ class LLMTimeLoRA(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.logger is not None:
             self.logger.log_metrics({"model/trainable_parameters": self.trainable_parameters}, step=0)
+
+    # -- forecasting ---------------------------------------------------------------------------
+    def on_predict_start(self) -> None:
+        self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+        self.flop_model = FlopModel(
+            self.model.config, self.hparams.lora_rank, self.hparams.lora_targets, self.hparams.train_lm_head_bias
+        )
+        merge_lora(self.model)  # one matrix per projection while generating
+
+    def on_predict_end(self) -> None:
+        unmerge_lora(self.model)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        """Forecast ``forecast_steps`` steps of each trajectory from its first ``prompt_steps``."""
+        hp = self.hparams
+        trajectories = batch["trajectory"].cpu().numpy()
+        time = batch["time"][0].cpu().numpy()
+        if trajectories.shape[1] < hp.prompt_steps + hp.forecast_steps:
+            raise ValueError(
+                f"trajectories have {trajectories.shape[1]} steps, fewer than prompt_steps + forecast_steps "
+                f"= {hp.prompt_steps + hp.forecast_steps}"
+            )
+        prompts = trajectories[:, : hp.prompt_steps]
+        truth = trajectories[:, hp.prompt_steps : hp.prompt_steps + hp.forecast_steps]
+        result = generate_forecasts(
+            self.model, self.tokenizer, prompts, hp.forecast_steps, hp.num_samples, hp.temperature, hp.top_p,
+            constrained=hp.constrained, flop_model=self.flop_model,
+        )  # fmt: skip
+        references = {
+            name: reference_forecast(name, prompts, time, hp.forecast_steps) for name in hp.reference_forecasters
+        }
+        return {
+            "index": batch["index"].cpu().numpy(),
+            "time": time,
+            "prompt": prompts,
+            "truth": truth,
+            "references": references,
+            **{k: getattr(result, k) for k in ("forecast", "lower", "upper", "samples", "valid_share", "alpha")},
+            "texts": result.texts,
+            "flops": result.flops,
+            "seconds": result.seconds,
+        }
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]

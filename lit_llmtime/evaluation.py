@@ -1,0 +1,140 @@
+"""Forecast results: merging batches and ranks, metrics over a set, and the files predict writes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lit_llmtime.forecast import SPECIES, metrics
+from lit_llmtime.io import atomic_path, write_text_atomic
+
+ARRAYS = ("index", "prompt", "truth", "forecast", "lower", "upper", "samples", "valid_share", "alpha")
+
+
+def merge_predictions(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate predict outputs (batches or ranks), sorted by trajectory index, duplicates
+    (from a distributed sampler's padding) dropped."""
+    merged: dict[str, Any] = {key: np.concatenate([p[key] for p in parts]) for key in ARRAYS}
+    merged["texts"] = [text for p in parts for text in p["texts"]]
+    merged["references"] = {
+        name: np.concatenate([p["references"][name] for p in parts]) for name in parts[0]["references"]
+    }
+    _, first = np.unique(merged["index"], return_index=True)
+    order = first[np.argsort(merged["index"][first])]
+    result = {key: merged[key][order] for key in ARRAYS}
+    result["texts"] = [merged["texts"][i] for i in order]
+    result["references"] = {name: values[order] for name, values in merged["references"].items()}
+    result["time"] = parts[0]["time"]
+    result["flops"] = float(sum(p["flops"] for p in parts))
+    result["seconds"] = float(sum(p["seconds"] for p in parts))
+    return result
+
+
+def save_npz(path: str | Path, predictions: dict[str, Any]) -> Path:
+    """Write merged predictions to ``.npz`` atomically (references as ``ref_<name>``)."""
+    arrays = {key: predictions[key] for key in ARRAYS}
+    arrays.update({f"ref_{name}": values for name, values in predictions["references"].items()})
+    arrays.update(
+        texts=np.array(predictions["texts"]),
+        time=predictions["time"],
+        flops=np.float64(predictions["flops"]),
+        seconds=np.float64(predictions["seconds"]),
+    )
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    return Path(path)
+
+
+def load_npz(path: str | Path) -> dict[str, Any]:
+    """Read what ``save_npz`` wrote."""
+    with np.load(path) as data:
+        result: dict[str, Any] = {key: data[key] for key in ARRAYS}
+        result["references"] = {key[4:]: data[key] for key in data.files if key.startswith("ref_")}
+        result["texts"] = data["texts"].tolist()
+        result["time"] = data["time"]
+        result["flops"], result["seconds"] = float(data["flops"]), float(data["seconds"])
+    return result
+
+
+def summarise(predictions: dict[str, Any]) -> dict[str, Any]:
+    """Metrics per trajectory and their means, for the LLM and each reference forecaster."""
+
+    def table(forecasts: np.ndarray) -> dict[str, Any]:
+        per = {
+            int(i): metrics(t, f) for i, t, f in zip(predictions["index"], predictions["truth"], forecasts, strict=True)
+        }
+        mean = {s: {m: _nanmean([per[i][s][m] for i in per]) for m in ("mse", "mae", "r2")} for s in SPECIES}
+        return {"per_trajectory": per, "mean": mean}
+
+    summary = {"model": table(predictions["forecast"])}
+    for i, share in zip(predictions["index"], predictions["valid_share"], strict=True):
+        summary["model"]["per_trajectory"][int(i)]["valid_share"] = float(share)
+    summary["model"]["mean"]["valid_share"] = float(np.mean(predictions["valid_share"]))
+    summary["references"] = {name: table(values) for name, values in predictions["references"].items()}
+    summary["generation"] = {"flops": predictions["flops"], "seconds": predictions["seconds"]}
+    return summary
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """Per-trajectory and mean metrics (like the report's tables 4 and 5), references included."""
+    header = "| sample | valid steps | prey MSE | prey MAE | prey R² | predator MSE | predator MAE | predator R² |"
+    lines = ["## LLM forecast", "", header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cells(m: dict[str, Any]) -> str:
+        return " | ".join(f"{m[s][k]:.4f}" for s in SPECIES for k in ("mse", "mae", "r2"))
+
+    for index, m in summary["model"]["per_trajectory"].items():
+        lines.append(f"| {index} | {100 * m['valid_share']:.0f}% | {cells(m)} |")
+    mean = summary["model"]["mean"]
+    lines.append(f"| **mean** | {100 * mean['valid_share']:.0f}% | {cells(mean)} |")
+    lines += ["", "## Mean over the same samples, all forecasters", "", header.replace("valid steps", "forecaster")]
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+    lines.append(f"| all | LLM | {cells(mean)} |")
+    for name, ref in summary["references"].items():
+        lines.append(f"| all | {name} | {cells(ref['mean'])} |")
+    generation = summary["generation"]
+    lines += ["", f"Generation: {generation['flops']:.3e} FLOPs, {generation['seconds']:.1f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def write_forecast_outputs(folder: str | Path, predictions: dict[str, Any], logger=None, max_figures: int = 12) -> dict:
+    """predictions.npz, metrics.json, metrics.md and figures; figures also to a TensorBoard logger."""
+    from lit_llmtime.plots import plot_errors, plot_forecast, save_figure
+
+    folder = Path(folder)
+    save_npz(folder / "predictions.npz", predictions)
+    summary = summarise(predictions)
+    write_text_atomic(folder / "metrics.json", json.dumps(summary, indent=2))
+    write_text_atomic(folder / "metrics.md", markdown_table(summary))
+    time, steps = predictions["time"], predictions["prompt"].shape[1]
+    future = time[steps : steps + predictions["truth"].shape[1]]
+    experiment = getattr(logger, "experiment", None)
+    for row, index in enumerate(predictions["index"][:max_figures]):
+        references = {name: values[row] for name, values in predictions["references"].items()}
+        figures = {
+            "forecast": plot_forecast(
+                time,
+                predictions["prompt"][row],
+                predictions["truth"][row],
+                predictions["forecast"][row],
+                predictions["lower"][row],
+                predictions["upper"][row],
+                references,
+                title=f"sample {index}",
+            ),  # fmt: skip
+            "errors": plot_errors(future, predictions["truth"][row], predictions["forecast"][row], f"sample {index}"),
+        }
+        for kind, fig in figures.items():
+            if experiment is not None and hasattr(experiment, "add_figure"):
+                experiment.add_figure(f"{kind}/sample_{index}", fig, close=False)
+            save_figure(fig, folder / f"{kind}_{index}.png")
+    return summary
