@@ -190,8 +190,11 @@ class FlopBudget(L.Callback):
             for key in ("model_name_or_path", "lora_rank", "learning_rate", "context_length", "batch_size")
         }
         config["devices"] = trainer.world_size
+        val_loss = trainer.callback_metrics.get("val/loss")
         self.ledger.upsert(
             {
+                "val_loss": None if val_loss is None else float(val_loss),
+                "log_dir": getattr(trainer.logger, "log_dir", None),  # not trainer.log_dir: a collective
                 "run_id": self.run_id,
                 "name": self.run_name,
                 "stage": self._stage,

@@ -235,7 +235,54 @@ def ledger(path: str = DEFAULT_LEDGER, budget: float = 1e17) -> None:
     print(Ledger(path).table(budget), end="")
 
 
-TOOLS = {"simulate": simulate, "encode": encode, "encode-check": encode_check, "flops": flops, "ledger": ledger}
+def sweep(run_config: str, dry_run: bool = False) -> None:
+    """Run a sweep file: stages of grids over a base config, all charged to one FLOP ledger.
+
+    Args:
+        run_config: the sweep YAML (``--config`` is accepted too).
+        dry_run: only say what would run and what the budget skips.
+    """
+    from lit_llmtime.sweep import run_sweep
+
+    runs = run_sweep(run_config, dry_run=dry_run)
+    failed = [r.name for r in runs if r.status.startswith("failed")]
+    print(f"[sweep] {len(runs)} runs: " + ", ".join(f"{r.name} {r.status}" for r in runs))
+    if failed:
+        raise ValueError(f"{len(failed)} sweep runs failed: {failed}")
+
+
+def report(
+    out: str = "reports/report",
+    ledger: str = DEFAULT_LEDGER,
+    budget: float = 1e17,
+    sweeps: list[str] | None = None,
+    final_run: str | None = None,
+    forecast: str | None = None,
+) -> None:
+    """Write one markdown report: ledger, sweep tables, loss curves and forecasts.
+
+    Args:
+        out: folder for report.md and its figures.
+        ledger: the FLOP ledger.
+        budget: the FLOP budget the shares refer to.
+        sweeps: sweep output folders (reports/<sweep name>) or their sweep.md files.
+        final_run: TensorBoard log folder of the final run (lightning_logs/<name>/version_N).
+        forecast: forecast folder written by predict (<log dir>/forecast).
+    """
+    from lit_llmtime.report import build_report
+
+    print(f"wrote {build_report(ledger, out, budget, sweeps, final_run, forecast)}")
+
+
+TOOLS = {
+    "simulate": simulate,
+    "encode": encode,
+    "encode-check": encode_check,
+    "flops": flops,
+    "ledger": ledger,
+    "sweep": sweep,
+    "report": report,
+}
 
 
 def main(args: list[str] | None = None) -> None:
@@ -245,7 +292,7 @@ def main(args: list[str] | None = None) -> None:
         if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
             lightning_cli(args)  # None: LightningCLI reads sys.argv itself
         else:
-            if argv[:1] == ["flops"]:  # --config would be jsonargparse's own option; it means the run's
+            if argv[:1] in (["flops"], ["sweep"]):  # --config would be jsonargparse's own; it means the run's
                 argv = [a.replace("--config", "--run_config", 1) if a.startswith("--config") else a for a in argv]
             auto_cli(TOOLS, args=argv, as_positional=False, prog="lit-llmtime")
     except (DataFileError, LedgerError, FileNotFoundError, ValueError) as error:

@@ -1,0 +1,263 @@
+"""Hyperparameter sweeps: stages of grids over a base config, each run a normal ``lit-llmtime fit``
+charged to one FLOP ledger; resumable, and a run that cannot fit the budget is skipped."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lit_llmtime.io import write_text_atomic
+from lit_llmtime.ledger import DEFAULT_LEDGER, Ledger
+
+FINISHED = ("finished", "stopped: budget")
+
+
+@dataclass
+class Run:
+    """One fit of a sweep: its name, stage and the dotted overrides of the base config."""
+
+    name: str
+    stage: str
+    overrides: dict[str, Any]
+    status: str = "pending"
+    predicted_flops: float = 0.0
+    record: dict[str, Any] | None = field(default=None, repr=False)
+
+
+def load_sweep(path: str | Path) -> dict[str, Any]:
+    """Read and check a sweep file (``name``, ``base``, ``stages``; optional ``budget``, ``ledger``,
+    ``reserve``: FLOPs the sweep must leave for later work such as the final run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: sweep file not found")
+    spec = yaml.safe_load(path.read_text()) or {}
+    for key in ("name", "base", "stages"):
+        if key not in spec:
+            raise ValueError(f"{path}: missing '{key}'")
+    base = Path(spec["base"])
+    if not base.is_file():
+        raise FileNotFoundError(f"{path}: base config {base} not found")
+    for i, stage in enumerate(spec["stages"]):
+        if "name" not in stage:
+            raise ValueError(f"{path}: stage {i} has no 'name'")
+        runs = stage.get("runs") or []
+        if not isinstance(runs, list) or not all(isinstance(r, dict) and r for r in runs):
+            raise ValueError(f"{path}: stage '{stage['name']}', 'runs' must be a list of non-empty mappings")
+        for key, values in (stage.get("grid") or {}).items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{path}: stage '{stage['name']}', grid key '{key}' needs a non-empty list")
+    spec.setdefault("ledger", DEFAULT_LEDGER)
+    spec.setdefault("budget", 1e17)
+    spec.setdefault("reserve", 0.0)
+    return spec
+
+
+def _value_name(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def stage_runs(spec: dict[str, Any], stage: dict[str, Any], best: dict[str, Any] | None) -> list[Run]:
+    """The runs of one stage: its ``grid`` (every combination) or its explicit ``runs`` list, on top
+    of the sweep's and the stage's fixed overrides and, for ``inherit_best`` keys, the values of
+    the best run so far."""
+    inherited = list(stage.get("inherit_best") or [])
+    fixed = dict(spec.get("overrides") or {}) | dict(stage.get("overrides") or {})
+    for key in inherited:
+        if best is None:
+            raise ValueError(f"stage '{stage['name']}' inherits {key} from the best run, but no run has finished")
+        fixed[key] = best[key]
+    grid = stage.get("grid") or {}
+    choices = stage.get("runs") or [
+        dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())
+    ]
+    runs = []
+    for choice in choices:
+        overrides = fixed | choice
+        label = "-".join(
+            f"{k.rsplit('.', 1)[-1]}={_value_name(v)}" for k, v in overrides.items() if k in choice or k in inherited
+        )
+        runs.append(Run(f"{spec['name']}-{stage['name']}-{label or 'run'}", stage["name"], overrides))
+    return runs
+
+
+def merged_config(spec: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The base YAML with dotted overrides applied (what ``fit`` will see, defaults aside)."""
+    config = yaml.safe_load(Path(spec["base"]).read_text()) or {}
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {}) or {}
+        node[leaf] = value
+    return config
+
+
+def predicted_flops(spec: dict[str, Any], overrides: dict[str, Any]) -> float:
+    """Training FLOPs (max_steps full steps) plus validation passes of a run, before it starts."""
+    from lit_llmtime.cli import _defaults, flop_model_from_args
+    from lit_llmtime.data import LotkaVolterraDataModule
+    from lit_llmtime.model import LLMTimeLoRA
+
+    config = merged_config(spec, overrides)
+    model = _defaults(LLMTimeLoRA) | (config.get("model") or {})
+    data_args = _defaults(LotkaVolterraDataModule) | (config.get("data") or {})
+    trainer = config.get("trainer") or {}
+    flop_model = flop_model_from_args(model, (config.get("flop_budget") or {}).get("accounting", "exact"))
+    steps = int(trainer.get("max_steps", -1))
+    if steps <= 0:
+        raise ValueError(f"sweep runs need trainer.max_steps (run overrides {overrides})")
+    cost = steps * flop_model.train_step(data_args["batch_size"], data_args["context_length"])
+    data = LotkaVolterraDataModule(**data_args)
+    data.prepare_data()
+    data.setup("fit")
+    val_batches = math.ceil(len(data.datasets["val"]) / data_args["batch_size"])
+    limit = trainer.get("limit_val_batches")
+    if isinstance(limit, int):
+        val_batches = min(val_batches, limit)
+    interval = trainer.get("val_check_interval")
+    passes = steps // interval if isinstance(interval, int) else max(1, steps // max(1, len(data.train_dataloader())))
+    sanity = min(trainer.get("num_sanity_val_steps", 2), val_batches)
+    return cost + (passes * val_batches + sanity) * flop_model.batch_forward(
+        data_args["batch_size"], data_args["context_length"]
+    )
+
+
+def _arguments(spec: dict[str, Any], run: Run, checkpoint: Path | None) -> list[str]:
+    args = [
+        "fit", "--config", str(spec["base"]),
+        f"--trainer.logger.init_args.name={run.name}",
+        f"--flop_budget.run_name={run.name}",
+        f"--flop_budget.ledger={spec['ledger']}",
+        f"--flop_budget.budget={spec['budget']}",
+    ]  # fmt: skip
+    args += [
+        f"--{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+        for key, value in run.overrides.items()
+    ]
+    if checkpoint is not None:
+        args.append(f"--ckpt_path={checkpoint}")
+    return args
+
+
+def _finished_record(ledger: Ledger, name: str) -> dict[str, Any] | None:
+    done = [
+        r for r in ledger.records() if r.get("name") == name and r.get("stage") == "fit" and r.get("status") in FINISHED
+    ]
+    return done[-1] if done else None
+
+
+def run_sweep(path: str | Path, dry_run: bool = False) -> list[Run]:
+    """Run every stage of a sweep, skipping completed runs and runs the budget cannot afford."""
+    spec = load_sweep(path)
+    ledger = Ledger(spec["ledger"])
+    runs: list[Run] = []
+    planned = 0.0  # a dry run's would-be spending
+    for stage in spec["stages"]:
+        best = best_overrides(runs)
+        if dry_run and best is None and stage.get("inherit_best"):
+            print(f"[sweep] stage {stage['name']} and later depend on the best run: not planned in a dry run")
+            break
+        for run in stage_runs(spec, stage, best):
+            same = next((r for r in runs if r.record is not None and r.overrides == run.overrides), None)
+            runs.append(run)
+            if same is not None:  # e.g. the context study's own context: reuse, as the report did
+                run.status, run.record = f"same as {same.name}", same.record
+                print(f"[sweep] {run.name}: same configuration as {same.name}, reused")
+                continue
+            record = _finished_record(ledger, run.name)
+            if record is not None:
+                run.status, run.record = "done before", record
+                print(f"[sweep] {run.name}: already completed ({record['steps']} steps), skipped")
+                continue
+            run.predicted_flops = predicted_flops(spec, run.overrides)
+            left = float(spec["budget"]) - float(spec["reserve"]) - ledger.total() - planned
+            if run.predicted_flops > left:
+                run.status = "skipped: budget"
+                print(f"[sweep] {run.name}: needs {run.predicted_flops:.3e} FLOPs, only {left:.3e} left: skipped")
+                continue
+            if dry_run:
+                planned += run.predicted_flops
+                run.status = "would run"
+                print(f"[sweep] {run.name}: would run ({run.predicted_flops:.3e} FLOPs)")
+                continue
+            checkpoints = sorted(Path("checkpoints", run.name).glob("version_*/last.ckpt"))
+            resume = checkpoints[-1] if checkpoints else None
+            print(
+                f"[sweep] {run.name}: running ({run.predicted_flops:.3e} FLOPs predicted)"
+                + (f", resuming {resume}" if resume else ""),
+                flush=True,
+            )
+            result = subprocess.run([sys.executable, "-m", "lit_llmtime.cli", *_arguments(spec, run, resume)])
+            run.record = _finished_record(ledger, run.name)
+            if result.returncode != 0 or run.record is None:
+                run.status = f"failed (exit {result.returncode})"
+                print(f"[sweep] {run.name}: FAILED with exit code {result.returncode}; going on", flush=True)
+            else:
+                run.status = "done"
+    write_results(spec, runs)
+    return runs
+
+
+def best_overrides(runs: list[Run]) -> dict[str, Any] | None:
+    """Overrides of the completed run with the lowest validation loss."""
+    scored = [r for r in runs if r.record is not None and r.record.get("val_loss") is not None]
+    return min(scored, key=lambda r: r.record["val_loss"]).overrides if scored else None
+
+
+def write_results(spec: dict[str, Any], runs: list[Run]) -> Path:
+    """``reports/<sweep name>/sweep.csv`` and ``sweep.md`` (tables like the report's 2 and 3)."""
+    folder = Path(spec.get("out", Path("reports") / spec["name"]))
+    budget = float(spec["budget"])
+    keys = sorted({k for r in runs for k in r.overrides})
+    rows = []
+    for run in runs:
+        record = run.record or {}
+        rows.append(
+            {
+                "run": run.name, "stage": run.stage, **{k: run.overrides.get(k) for k in keys}, "status": run.status,
+                "steps": record.get("steps", 0), "flops": record.get("flops", 0.0),
+                "budget_percent": 100 * record.get("flops", 0.0) / budget, "val_loss": record.get("val_loss"),
+            }
+        )  # fmt: skip
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["run"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(folder / "sweep.csv", buffer.getvalue())
+    write_text_atomic(folder / "sweep.md", markdown_tables(spec, runs, rows, keys))
+    return folder
+
+
+def markdown_tables(spec: dict[str, Any], runs: list[Run], rows: list[dict[str, Any]], keys: list[str]) -> str:
+    """One table per stage: the grid's parameters, steps, share of the budget and validation loss."""
+    lines = [f"# Sweep {spec['name']}", ""]
+    for stage in spec["stages"]:
+        stage_rows = [row for row in rows if row["stage"] == stage["name"]]
+        varied = [k for k in keys if len({str(row[k]) for row in stage_rows}) > 1]
+        lines += [f"## Stage {stage['name']}", ""]
+        lines.append("| " + " | ".join([*varied, "status", "steps", "FLOPs", "% budget", "val loss"]) + " |")
+        lines.append("|" + "---|" * (len(varied) + 5))
+        for row in stage_rows:
+            loss = "n/a" if row["val_loss"] is None else f"{row['val_loss']:.4f}"
+            cells = [_value_name(row[k]) for k in varied]
+            cells += [row["status"], str(row["steps"]), f"{row['flops']:.3e}", f"{row['budget_percent']:.4f}%", loss]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    best = best_overrides(runs)
+    if best is not None:
+        name = next(r.name for r in runs if r.overrides is best)
+        searched = {
+            k for stage in spec["stages"] for k in [*(stage.get("grid") or {}), *(stage.get("inherit_best") or [])]
+        }
+        chosen = ", ".join(f"{k}={_value_name(v)}" for k, v in best.items() if k in searched)
+        lines += [f"**Best:** {name} ({chosen})", ""]
+    return "\n".join(lines)

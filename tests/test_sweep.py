@@ -1,0 +1,135 @@
+"""Sweeps and the report: the offline study end to end, resumption, and sweep-file errors."""
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lit_llmtime.cli import main
+from lit_llmtime.ledger import Ledger
+from lit_llmtime.report import read_scalars
+from lit_llmtime.sweep import load_sweep, merged_config, stage_runs
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    shutil.copytree(CONFIGS, tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_stage_runs_grid_and_inheritance(workdir):
+    spec = load_sweep("configs/quickstart-study.yaml")
+    lora = stage_runs(spec, spec["stages"][0], None)
+    assert [(r.overrides["model.lora_rank"], r.overrides["model.learning_rate"]) for r in lora] == [
+        (2, 0.005), (2, 0.02), (8, 0.005), (8, 0.02)
+    ]  # fmt: skip
+    assert lora[0].name == "quickstart-study-lora-lora_rank=2-learning_rate=0.005"
+    best = lora[3].overrides
+    context = stage_runs(spec, spec["stages"][1], best)
+    assert [r.overrides["data.context_length"] for r in context] == [32, 128, 512]
+    assert all(r.overrides["model.lora_rank"] == 8 for r in context)
+    with pytest.raises(ValueError, match="inherits model.lora_rank from the best run, but no run has finished"):
+        stage_runs(spec, spec["stages"][1], None)
+    merged = merged_config(spec, context[2].overrides)
+    assert merged["data"]["context_length"] == 512 and merged["trainer"]["max_steps"] == 20
+    assert merged["model"]["model_config"]["hidden_size"] == 64  # the base config is kept
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"name": "x", "stages": []}, "missing 'base'"),
+        ({"name": "x", "base": "nope.yaml", "stages": []}, "base config nope.yaml not found"),
+        (
+            {"name": "x", "base": "configs/quickstart.yaml", "stages": [{"name": "s", "grid": {"model.lora_rank": 4}}]},
+            "grid key 'model.lora_rank' needs a non-empty list",
+        ),
+    ],
+)
+def test_sweep_file_errors(workdir, content, message):
+    Path("bad.yaml").write_text(yaml.safe_dump(content))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--config", "bad.yaml"])
+    assert message in str(exit_info.value)
+
+
+@pytest.mark.slow
+def test_offline_study_runs_to_the_end_and_reports(workdir):
+    main(["sweep", "--config", "configs/quickstart-study.yaml"])
+    spec = load_sweep("configs/quickstart-study.yaml")
+    ledger = Ledger(spec["ledger"])
+    assert ledger.total() <= spec["budget"]
+    with open("reports/quickstart-study/sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 + 3 + 1
+    assert [row["status"] for row in rows].count("skipped: budget") >= 1
+    done = [row for row in rows if row["status"] == "done"]
+    assert len(done) == len(ledger.records()) >= 5
+    for row in done:
+        record = next(r for r in ledger.records() if r["name"] == row["run"])
+        assert float(row["flops"]) == record["flops"] and int(row["steps"]) == record["steps"]
+        _, logged = read_scalars(record["log_dir"], "val/loss")
+        assert float(row["val_loss"]) == pytest.approx(logged[-1], rel=1e-6) == record["val_loss"]
+    table = Path("reports/quickstart-study/sweep.md").read_text()
+    assert "**Best:**" in table and "skipped: budget" in table
+
+    final = next(r for r in ledger.records() if "-final-" in r["name"])
+    checkpoint = next(Path("checkpoints", final["name"]).glob("version_*/last.ckpt"))
+    main([
+        "predict", "--config", "configs/quickstart.yaml", f"--ckpt_path={checkpoint}", "--data.context_length=32",
+        "--model.lora_rank=8", "--model.forecast_steps=5", "--data.predict_indices=[180, 190]",
+        f"--flop_budget.ledger={spec['ledger']}", f"--flop_budget.budget={spec['budget']}",
+        "--trainer.logger.init_args.name=study-forecast", "--trainer.enable_progress_bar=false",
+    ])  # fmt: skip
+    assert ledger.total() <= spec["budget"]
+    main([
+        "report", "--out", "reports/study", "--ledger", spec["ledger"], "--budget", str(spec["budget"]),
+        "--sweeps", "[reports/quickstart-study]", "--final_run", final["log_dir"],
+        "--forecast", "lightning_logs/study-forecast/version_0/forecast",
+    ])  # fmt: skip
+    report = Path("reports/study/report.md").read_text()
+    assert "## FLOP ledger (Table 6)" in report and "## Stage context" in report and "| **mean** |" in report
+    for png in ("loss_curve.png", "loss_curve_second_half.png", "forecast_180.png", "forecast_190.png"):
+        data = Path("reports/study", png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        assert f"({png})" in report
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_finishes_only_the_remaining_runs(workdir):
+    spec = {
+        "name": "mini",
+        "base": "configs/quickstart.yaml",
+        "ledger": "lightning_logs/mini/ledger.jsonl",
+        "overrides": {
+            "trainer.max_steps": 6, "trainer.val_check_interval": 6, "trainer.limit_val_batches": 2,
+            "trainer.num_sanity_val_steps": 0, "trainer.enable_progress_bar": False, "data.context_length": 32,
+        },
+        "stages": [{"name": "grid", "grid": {"model.lora_rank": [2, 4, 8]}}],
+    }  # fmt: skip
+    Path("mini.yaml").write_text(yaml.safe_dump(spec))
+    ledger = Ledger(spec["ledger"])
+    command = [sys.executable, "-m", "lit_llmtime.cli", "sweep", "--config", "mini.yaml"]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not any(r.get("status") == "finished" for r in ledger.records()) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # the sweep and the run it started
+    process.wait()
+    first = [r for r in ledger.records() if r.get("status") == "finished"]
+    assert len(first) == 1
+    main(["sweep", "--config", "mini.yaml"])
+    finished = [r for r in ledger.records() if r.get("status") == "finished"]
+    assert sorted(r["name"] for r in finished) == [f"mini-grid-lora_rank={r}" for r in (2, 4, 8)]
+    assert next(r for r in finished if r["name"] == first[0]["name"])["started"] == first[0]["started"]
+    assert [p.name for p in Path("checkpoints", first[0]["name"]).iterdir()] == ["version_0"]  # not run again
