@@ -13,9 +13,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_llmtime.callbacks import FlopBudget, ForecastWriter
 from lit_llmtime.data import DEFAULT_DATA_PATH, OFFLINE_TOKENIZER, DataFileError, LotkaVolterraDataModule
-from lit_llmtime.flops import Accounting, FlopModel
+from lit_llmtime.flops import Accounting
 from lit_llmtime.ledger import DEFAULT_LEDGER, Ledger, LedgerError
-from lit_llmtime.model import DEFAULT_MODEL, QWEN2_5_0_5B_CONFIG, LLMTimeLoRA
+from lit_llmtime.model import LLMTimeLoRA
+from lit_llmtime.plan import flop_model_from_args, load_config, run_arguments, step_flops, validation_flops
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 CHECKPOINT_ROOT = Path("checkpoints")
@@ -59,33 +60,6 @@ class LitLLMTimeCLI(LightningCLI):
         callback, logger = self.trainer.checkpoint_callback, self.trainer.logger
         if callback is not None and callback.dirpath is None and logger is not None:
             callback.dirpath = str(CHECKPOINT_ROOT / logger.name / f"version_{logger.version}")
-
-
-def base_config(model_name_or_path: str, model_config: dict | None) -> dict | object:
-    """The architecture behind a model argument, without loading weights (offline for Qwen2.5-0.5B)."""
-    if model_config is not None:
-        return model_config
-    if model_name_or_path == DEFAULT_MODEL:
-        return QWEN2_5_0_5B_CONFIG
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_name_or_path)
-
-
-def flop_model_from_args(model: dict, accounting: Accounting = "exact") -> FlopModel:
-    """FLOP model of ``LLMTimeLoRA`` arguments."""
-    return FlopModel(
-        base_config(model["model_name_or_path"], model.get("model_config")),
-        lora_rank=model["lora_rank"],
-        lora_targets=model["lora_targets"],
-        lm_head_bias=model["train_lm_head_bias"],
-        accounting=accounting,
-    )
-
-
-def step_flops(model: dict, data: dict, devices: int = 1, accounting: Accounting = "exact") -> float:
-    """FLOPs of one full training step on ``devices`` devices."""
-    return devices * flop_model_from_args(model, accounting).train_step(data["batch_size"], data["context_length"])
 
 
 def lightning_cli(args: list[str] | None = None) -> LightningCLI:
@@ -179,16 +153,6 @@ def encode_check(index: int = 972, data: str = DEFAULT_DATA_PATH, decimals: int 
     print(f"wrote {path}")
 
 
-def _defaults(cls: type) -> dict:
-    import inspect
-
-    return {
-        name: p.default
-        for name, p in inspect.signature(cls.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-
-
 def flops(run_config: str, accounting: Accounting | None = None) -> None:
     """Predict the FLOP cost of a fit config before running it.
 
@@ -196,18 +160,12 @@ def flops(run_config: str, accounting: Accounting | None = None) -> None:
         run_config: a LightningCLI YAML (configs/...); ``--config`` is accepted too.
         accounting: exact or coursework (default: the config's flop_budget.accounting, else exact).
     """
-    import yaml
-
-    with open(run_config) as f:
-        values = yaml.safe_load(f) or {}
-    model = _defaults(LLMTimeLoRA) | (values.get("model") or {})
-    data = _defaults(LotkaVolterraDataModule) | (values.get("data") or {})
-    trainer = values.get("trainer") or {}
-    budget_args = _defaults(FlopBudget) | (values.get("flop_budget") or {})
+    config = load_config(run_config)
+    model, data, trainer, budget_args = run_arguments(config)
     accounting = accounting or budget_args["accounting"]
     devices = trainer.get("devices", 1) if isinstance(trainer.get("devices", 1), int) else 1
     flop_model = flop_model_from_args(model, accounting)
-    step = devices * flop_model.train_step(data["batch_size"], data["context_length"])
+    step = step_flops(model, data, devices, accounting)
     steps = trainer.get("max_steps", -1)
     budget = float(budget_args["budget"])
     spent = Ledger(budget_args["ledger"]).total() if budget_args["ledger"] else 0.0
@@ -219,8 +177,12 @@ def flops(run_config: str, accounting: Accounting | None = None) -> None:
         total, left = steps * step, budget - spent
         share = f"{100 * total / left:.2f}% of what is left" if left > 0 else "nothing is left"
         print(f"  {steps} training steps   {total:.4e}  ({100 * total / budget:.4f}% of the budget, {share})")
+        if Path(data["data_path"]).is_file():
+            validation = validation_flops(config, accounting)
+            print(f"  validation passes    {validation:.4e}  (whole fit {total + validation:.4e})")
+        else:
+            print(f"  (validation not predicted: {data['data_path']} does not exist yet)")
     print(f"  ledger {budget_args['ledger']}: {spent:.4e} spent, {budget - spent:.4e} left")
-    print("  (validation adds one forward per validation window per check)")
 
 
 def ledger(path: str = DEFAULT_LEDGER, budget: float = 1e17) -> None:

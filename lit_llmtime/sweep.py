@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import math
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import yaml
 
 from lit_llmtime.io import write_text_atomic
 from lit_llmtime.ledger import DEFAULT_LEDGER, Ledger
+from lit_llmtime.plan import fit_flops
 
 FINISHED = ("finished", "stopped: budget")
 
@@ -102,33 +102,9 @@ def merged_config(spec: dict[str, Any], overrides: dict[str, Any]) -> dict[str, 
 
 
 def predicted_flops(spec: dict[str, Any], overrides: dict[str, Any]) -> float:
-    """Training FLOPs (max_steps full steps) plus validation passes of a run, before it starts."""
-    from lit_llmtime.cli import _defaults, flop_model_from_args
-    from lit_llmtime.data import LotkaVolterraDataModule
-    from lit_llmtime.model import LLMTimeLoRA
-
+    """Training plus validation FLOPs of a run, before it starts."""
     config = merged_config(spec, overrides)
-    model = _defaults(LLMTimeLoRA) | (config.get("model") or {})
-    data_args = _defaults(LotkaVolterraDataModule) | (config.get("data") or {})
-    trainer = config.get("trainer") or {}
-    flop_model = flop_model_from_args(model, (config.get("flop_budget") or {}).get("accounting", "exact"))
-    steps = int(trainer.get("max_steps", -1))
-    if steps <= 0:
-        raise ValueError(f"sweep runs need trainer.max_steps (run overrides {overrides})")
-    cost = steps * flop_model.train_step(data_args["batch_size"], data_args["context_length"])
-    data = LotkaVolterraDataModule(**data_args)
-    data.prepare_data()
-    data.setup("fit")
-    val_batches = math.ceil(len(data.datasets["val"]) / data_args["batch_size"])
-    limit = trainer.get("limit_val_batches")
-    if isinstance(limit, int):
-        val_batches = min(val_batches, limit)
-    interval = trainer.get("val_check_interval")
-    passes = steps // interval if isinstance(interval, int) else max(1, steps // max(1, len(data.train_dataloader())))
-    sanity = min(trainer.get("num_sanity_val_steps", 2), val_batches)
-    return cost + (passes * val_batches + sanity) * flop_model.batch_forward(
-        data_args["batch_size"], data_args["context_length"]
-    )
+    return fit_flops(config, (config.get("flop_budget") or {}).get("accounting", "exact"))
 
 
 def _arguments(spec: dict[str, Any], run: Run, checkpoint: Path | None) -> list[str]:

@@ -153,3 +153,22 @@ def test_bad_ledger_is_a_clear_error(tmp_path):
     path.write_text(json.dumps({"run_id": "a", "flops": 1}) + "\n{oops\n")
     with pytest.raises(LedgerError, match=r"l.jsonl, line 2: not a ledger record"):
         Ledger(path).total()
+
+
+def test_flops_command_predicts_the_report_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    configs = Path(__file__).parents[1] / "configs"
+    main(["flops", "--config", str(configs / "qwen2.5-0.5b/final.yaml"), "--accounting", "coursework"])
+    out = capsys.readouterr().out
+    assert "6000 training steps   6.2243e+16  (62.2434% of the budget" in out  # the report: 6.23e16, 62.25%
+    assert "validation not predicted" in out  # no data file here
+    main(["flops", "--config", str(configs / "quickstart.yaml")])
+    out = capsys.readouterr().out
+    assert "validation not predicted" in out
+    main(["simulate", "--out", "data/quickstart_lotka_volterra.h5", "--n", "200"])
+    main(["flops", "--config", str(configs / "quickstart.yaml")])
+    out = capsys.readouterr().out
+    step = float(out.split("per training step")[1].split()[0])
+    validation = float(out.split("validation passes")[1].split()[0])
+    # 150 steps; 3 checks of 8 batches plus a 2-batch sanity check, each 4 windows of 128 tokens
+    assert validation == pytest.approx((3 * 8 + 2) * step / 3, rel=2e-4)  # both printed to 5 digits
