@@ -122,9 +122,7 @@ class LLMTimeLoRA(L.LightningModule):
         if unknown:
             raise ValueError(f"unknown reference forecasters {unknown}; choose from {list(REFERENCE_FORECASTERS)}")
         self.model = build_base_model(model_name_or_path, model_config, getattr(torch, torch_dtype), init_seed)
-        self.lora_modules = apply_lora(
-            self.model, lora_targets, lora_rank, lora_alpha, lora_dropout, train_lm_head_bias
-        )
+        apply_lora(self.model, lora_targets, lora_rank, lora_alpha, lora_dropout, train_lm_head_bias)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self.strict_loading = False  # checkpoints hold only the trainable tensors
