@@ -127,7 +127,7 @@ def test_ddp_two_processes_stop_on_the_same_global_step(tmp_path, small_h5):
 
 def test_cli_refuses_a_run_when_the_ledger_is_spent(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    Ledger("lightning_logs/flop_ledger.jsonl").upsert({"run_id": "big", "flops": 1e17 - 1e6})
+    Ledger("lightning_logs/quickstart/flop_ledger.jsonl").upsert({"run_id": "big", "flops": 1e17 - 1e6})
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(Path(__file__).parents[1] / "configs/quickstart.yaml")])
     assert "FLOP budget exhausted" in str(exit_info.value) and "(1.0000e+06 left)" in str(exit_info.value)

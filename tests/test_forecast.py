@@ -145,7 +145,7 @@ def test_predict_through_the_cli_writes_everything(small_h5, tmp_path, monkeypat
         for kind in ("forecast", "errors"):
             png = (folder / f"{kind}_{index}.png").read_bytes()
             assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    (record,) = Ledger("lightning_logs/flop_ledger.jsonl").records()
+    (record,) = Ledger("lightning_logs/quickstart/flop_ledger.jsonl").records()
     assert record["stage"] == "predict" and record["flops"] == pytest.approx(written["flops"]) and record["flops"] > 0
 
 
