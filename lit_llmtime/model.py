@@ -12,8 +12,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen2Config
 
+from lit_llmtime.callbacks import flop_model_for
 from lit_llmtime.data import IGNORE_INDEX, OFFLINE_TOKENIZER, load_tokenizer
-from lit_llmtime.flops import FlopModel
 from lit_llmtime.forecast import REFERENCE_FORECASTERS, generate_forecasts, reference_forecast
 from lit_llmtime.lora import apply_lora, count_trainable, merge_lora, trainable_state_dict, unmerge_lora
 
@@ -178,9 +178,7 @@ class LLMTimeLoRA(L.LightningModule):
     # -- forecasting ---------------------------------------------------------------------------
     def on_predict_start(self) -> None:
         self.tokenizer = load_tokenizer(self.hparams.tokenizer)
-        self.flop_model = FlopModel(
-            self.model.config, self.hparams.lora_rank, self.hparams.lora_targets, self.hparams.train_lm_head_bias
-        )
+        self.flop_model = flop_model_for(self)
         merge_lora(self.model)  # one matrix per projection while generating
 
     def on_predict_end(self) -> None:
