@@ -96,7 +96,9 @@ def merged_config(spec: dict[str, Any], overrides: dict[str, Any]) -> dict[str, 
         node = config
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {}) or {}
+            if not isinstance(node.get(part), dict):  # absent, or an empty section (None) in the YAML
+                node[part] = {}
+            node = node[part]
         node[leaf] = value
     return config
 
@@ -165,7 +167,9 @@ def run_sweep(path: str | Path, dry_run: bool = False) -> list[Run]:
                 run.status = "would run"
                 print(f"[sweep] {run.name}: would run ({run.predicted_flops:.3e} FLOPs)")
                 continue
-            checkpoints = sorted(Path("checkpoints", run.name).glob("version_*/last.ckpt"))
+            checkpoints = sorted(
+                Path("checkpoints", run.name).glob("version_*/last.ckpt"), key=lambda p: int(p.parent.name[8:])
+            )
             resume = checkpoints[-1] if checkpoints else None
             print(
                 f"[sweep] {run.name}: running ({run.predicted_flops:.3e} FLOPs predicted)"

@@ -133,3 +133,9 @@ def test_interrupted_sweep_finishes_only_the_remaining_runs(workdir):
     assert sorted(r["name"] for r in finished) == [f"mini-grid-lora_rank={r}" for r in (2, 4, 8)]
     assert next(r for r in finished if r["name"] == first[0]["name"])["started"] == first[0]["started"]
     assert [p.name for p in Path("checkpoints", first[0]["name"]).iterdir()] == ["version_0"]  # not run again
+
+
+def test_overrides_fill_empty_sections(workdir):
+    Path("base.yaml").write_text("trainer:\nmodel:\n  lora_rank: 2\n")
+    config = merged_config({"base": "base.yaml"}, {"trainer.max_steps": 7, "data.context_length": 64})
+    assert config == {"trainer": {"max_steps": 7}, "model": {"lora_rank": 2}, "data": {"context_length": 64}}
