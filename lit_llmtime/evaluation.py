@@ -29,8 +29,8 @@ def merge_predictions(parts: list[dict[str, Any]]) -> dict[str, Any]:
     result["texts"] = [merged["texts"][i] for i in order]
     result["references"] = {name: values[order] for name, values in merged["references"].items()}
     result["time"] = parts[0]["time"]
-    result["flops"] = float(sum(p["flops"] for p in parts))
-    result["seconds"] = float(sum(p["seconds"] for p in parts))
+    for key in ("flops", "seconds", "tokens"):
+        result[key] = float(sum(p[key] for p in parts))
     return result
 
 
@@ -43,6 +43,7 @@ def save_npz(path: str | Path, predictions: dict[str, Any]) -> Path:
         time=predictions["time"],
         flops=np.float64(predictions["flops"]),
         seconds=np.float64(predictions["seconds"]),
+        tokens=np.float64(predictions["tokens"]),
     )
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -56,7 +57,8 @@ def load_npz(path: str | Path) -> dict[str, Any]:
         result["references"] = {key[4:]: data[key] for key in data.files if key.startswith("ref_")}
         result["texts"] = data["texts"].tolist()
         result["time"] = data["time"]
-        result["flops"], result["seconds"] = float(data["flops"]), float(data["seconds"])
+        for key in ("flops", "seconds", "tokens"):
+            result[key] = float(data[key])
     return result
 
 
@@ -75,7 +77,12 @@ def summarise(predictions: dict[str, Any]) -> dict[str, Any]:
         summary["model"]["per_trajectory"][int(i)]["valid_share"] = float(share)
     summary["model"]["mean"]["valid_share"] = float(np.mean(predictions["valid_share"]))
     summary["references"] = {name: table(values) for name, values in predictions["references"].items()}
-    summary["generation"] = {"flops": predictions["flops"], "seconds": predictions["seconds"]}
+    summary["generation"] = {
+        "flops": predictions["flops"],
+        "seconds": predictions["seconds"],
+        "tokens": predictions["tokens"],
+        "tokens_per_second": predictions["tokens"] / max(predictions["seconds"], 1e-9),
+    }
     return summary
 
 
@@ -102,7 +109,14 @@ def markdown_table(summary: dict[str, Any]) -> str:
     for name, ref in summary["references"].items():
         lines.append(f"| all | {name} | {cells(ref['mean'])} |")
     generation = summary["generation"]
-    lines += ["", f"Generation: {generation['flops']:.3e} FLOPs, {generation['seconds']:.1f} s."]
+    lines += [
+        "",
+        "Every forecast step is scored; a step that did not parse (possible only without the grammar) counts as the "
+        "last valid value before it. All forecasters are scored on the same steps.",
+        "",
+        f"Generation: {generation['tokens']:.0f} tokens in {generation['seconds']:.1f} s "
+        f"({generation['tokens_per_second']:.1f} tokens/s), {generation['flops']:.3e} FLOPs.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -138,3 +152,19 @@ def write_forecast_outputs(folder: str | Path, predictions: dict[str, Any], logg
                 experiment.add_figure(f"{kind}/sample_{index}", fig, close=False)
             save_figure(fig, folder / f"{kind}_{index}.png")
     return summary
+
+
+def summary_lines(summary: dict[str, Any], folder: Path, figures: list[Path]) -> str:
+    """What predict prints at the end: the mean metrics of every forecaster and where the files are."""
+    rows = {"LLM": summary["model"]["mean"]} | {name: ref["mean"] for name, ref in summary["references"].items()}
+    lines = [
+        f"Forecasts of {len(summary['model']['per_trajectory'])} trajectories "
+        f"({100 * summary['model']['mean']['valid_share']:.0f}% of the LLM's steps parsed), means:",
+        f"  {'forecaster':16s} {'prey MAE':>9s} {'prey R2':>9s} {'pred. MAE':>9s} {'pred. R2':>9s}",
+    ]
+    for name, mean in rows.items():
+        cells = [mean[s][m] for s in SPECIES for m in ("mae", "r2")]
+        lines.append(f"  {name:16s} " + " ".join(f"{value:9.4f}" for value in cells))
+    lines.append(f"metrics: {folder / 'metrics.md'} (and metrics.json, predictions.npz)")
+    lines.append("figures: " + (", ".join(str(f) for f in figures[:4]) + (" ..." if len(figures) > 4 else "")))
+    return "\n".join(lines)

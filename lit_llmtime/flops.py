@@ -87,6 +87,8 @@ class FlopModel:
         lora_targets: adapted linear layers of every block.
         lm_head_bias: whether the lm_head carries the optional trainable bias.
         accounting: ``exact`` or ``coursework`` (see the module docstring).
+        train_head_rows: output rows the training loss computes (None: the whole vocabulary; 15
+            for the LLMTIME head). Evaluation always computes them all.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class FlopModel:
         lora_targets: tuple[str, ...] | list[str] = ("q_proj", "v_proj"),
         lm_head_bias: bool = False,
         accounting: Accounting = "exact",
+        train_head_rows: int | None = None,
     ) -> None:
         if accounting not in ("exact", "coursework"):
             raise ValueError(f"unknown FLOP accounting {accounting!r}; use 'exact' or 'coursework'")
@@ -104,6 +107,7 @@ class FlopModel:
         self.lora_targets = tuple(lora_targets)
         self.lm_head_bias = lm_head_bias
         self.accounting = accounting
+        self.train_head_rows = train_head_rows
 
     # -- widths ------------------------------------------------------------------------------
     def _linear_shapes(self) -> dict[str, tuple[int, int]]:
@@ -176,16 +180,20 @@ class FlopModel:
         return parts
 
     # -- public --------------------------------------------------------------------------------
-    def forward_breakdown(self, tokens: int, keys: int | None = None, logits: int | None = None) -> dict[str, Ops]:
+    def forward_breakdown(
+        self, tokens: int, keys: int | None = None, logits: int | None = None, head_rows: int | None = None
+    ) -> dict[str, Ops]:
         """Operation counts per component for one sequence.
 
         ``tokens`` new tokens attend over ``keys`` positions (default: themselves, causal
-        attention computed densely as the kernels do); ``logits`` positions go through the
-        vocabulary projection (default: all new tokens).
+        attention computed densely as the kernels do); ``logits`` positions go through the output
+        projection (default: all new tokens), over ``head_rows`` rows of it (default: the whole
+        vocabulary; fewer when only the LLMTIME alphabet's rows are computed).
         """
         a = self.arch
         n, keys = tokens, tokens if keys is None else keys
         logits = tokens if logits is None else logits
+        rows = a.vocab_size if head_rows is None else head_rows
         parts: dict[str, Ops] = {"embeddings": Ops()}  # a table look-up
         if self.accounting == "coursework":
             parts["positions"] = Ops(add=n * a.hidden_size)
@@ -195,35 +203,39 @@ class FlopModel:
         for name, ops in self._block(n, keys).items():
             parts[name] = parts.get(name, Ops()) + ops * a.num_hidden_layers
         parts["final_norm"] = self._rmsnorm(n)
-        parts["lm_head"] = matmul(logits, a.hidden_size, a.vocab_size)
+        parts["lm_head"] = matmul(logits, a.hidden_size, rows)
         if self.lm_head_bias:
-            parts["lm_head_bias"] = Ops(add=logits * a.vocab_size)
+            parts["lm_head_bias"] = Ops(add=logits * rows)
         return parts
 
-    def forward(self, tokens: int, keys: int | None = None, logits: int | None = None) -> float:
+    def forward(
+        self, tokens: int, keys: int | None = None, logits: int | None = None, head_rows: int | None = None
+    ) -> float:
         """FLOPs of one sequence's forward pass (see ``forward_breakdown``)."""
-        return sum(ops.flops for ops in self.forward_breakdown(tokens, keys, logits).values())
+        return sum(ops.flops for ops in self.forward_breakdown(tokens, keys, logits, head_rows).values())
 
     def batch_forward(self, batch_size: int, tokens: int) -> float:
         """FLOPs of a forward pass over a (batch_size, tokens) batch."""
         return batch_size * self.forward(tokens)
 
     def train_step(self, batch_size: int, tokens: int) -> float:
-        """FLOPs of one optimiser step: forward + backward = 3 x forward."""
-        return 3 * self.batch_forward(batch_size, tokens)
+        """FLOPs of one batch's forward and backward: 3 x forward (through the training head's rows)."""
+        return 3 * batch_size * self.forward(tokens, head_rows=self.train_head_rows)
 
-    def generation(self, prompt_tokens: int, new_tokens: int, kv_cache: bool = True) -> float:
+    def generation(
+        self, prompt_tokens: int, new_tokens: int, kv_cache: bool = True, head_rows: int | None = None
+    ) -> float:
         """FLOPs of generating ``new_tokens`` after a prompt, for one sequence.
 
-        With the KV cache: a prefill of the prompt (logits for its last position only, as
-        ``generate`` does), then each new token attends to the cache. Without it, every new
-        token re-runs the whole sequence so far.
+        With the KV cache: a prefill of the prompt (logits for its last position only), then one
+        forward per further token over the cache; the last token needs no forward after it.
+        Without it, every new token re-runs the whole sequence so far.
         """
         if new_tokens <= 0:
             return 0.0
         if kv_cache:
-            total = self.forward(prompt_tokens, logits=1)
+            total = self.forward(prompt_tokens, logits=1, head_rows=head_rows)
             for step in range(1, new_tokens):
-                total += self.forward(1, keys=prompt_tokens + step)
+                total += self.forward(1, keys=prompt_tokens + step, head_rows=head_rows)
             return total
-        return sum(self.forward(prompt_tokens + step, logits=1) for step in range(new_tokens))
+        return sum(self.forward(prompt_tokens + step, logits=1, head_rows=head_rows) for step in range(new_tokens))

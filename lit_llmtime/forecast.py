@@ -1,169 +1,285 @@
-"""Forecasting: constrained generation of LLMTIME text with the KV cache, decoding, metrics and
-classical reference forecasters (persistence and a fitted Lotka-Volterra ODE)."""
+"""Forecasting: our own generation loop (KV cache, LLMTIME grammar, greedy or sampled), decoding
+of the generated text, scoring on every step, and classical reference forecasters."""
 
 from __future__ import annotations
 
 import math
 import time
-import warnings
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.optimize import least_squares
 from scipy.sparse import block_diag
+from torch import nn
 from torchmetrics.functional import mean_absolute_error, mean_squared_error, r2_score
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from tqdm.auto import tqdm
+from transformers import DynamicCache, StaticCache
 
-from lit_llmtime.flops import FlopModel
-from lit_llmtime.llmtime import STEP_SEPARATOR, decode, encode
+from lit_llmtime.config import REFERENCE_FORECASTERS, ForecastArgs
+from lit_llmtime.grammar import LLMTimeGrammar
+from lit_llmtime.llmtime import decode
 from lit_llmtime.simulate import integrate
 
 SPECIES = ("prey", "predator")
 
 
-def llmtime_token_ids(tokenizer, allow_negative: bool = False) -> list[int]:
-    """Token ids of the LLMTIME alphabet (digits, ``.``, ``,``, ``;``, optionally ``-``) and end-of-text."""
-    alphabet = "0123456789.,;" + ("-" if allow_negative else "")
-    ids = []
-    for char in alphabet:
-        encoded = tokenizer(char, add_special_tokens=False)["input_ids"]
-        if len(encoded) != 1:
-            raise ValueError(f"tokenizer splits {char!r} into {encoded}; LLMTIME needs one token per character")
-        ids.append(encoded[0])
-    return ids + [tokenizer.eos_token_id]
+@dataclass(frozen=True)
+class GenerationShape:
+    """What a batch's generation computes at most: the FLOP budget charges it before it runs."""
+
+    rows: int  # prompts x samples
+    prompt_tokens: int  # padded prompt length
+    max_new_tokens: int
+    head_rows: int | None  # output-matrix rows computed per new token (None: the whole vocabulary)
 
 
-class AllowedTokens(LogitsProcessor):
-    """Constrained decoding: every token outside ``allowed_ids`` gets probability zero."""
+def batch_grammar(tokenizer, batch: dict, forecast: ForecastArgs, decimals: int) -> LLMTimeGrammar:
+    """The decoding constraint of a predict batch (one row per prompt and sample)."""
+    return LLMTimeGrammar(
+        tokenizer,
+        batch_size=len(batch["input_ids"]) * forecast.num_samples,
+        steps=forecast.forecast_steps,
+        decimals=decimals,
+        max_integer_digits=forecast.max_integer_digits,
+        allow_negative=bool((batch["prompt"] < 0).any()),
+        mode=forecast.constrained,
+        device=batch["input_ids"].device,
+    )
 
-    def __init__(self, allowed_ids: Sequence[int]) -> None:
-        self.allowed = torch.tensor(sorted(set(allowed_ids)))
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        allowed = self.allowed.to(scores.device)
-        masked = torch.full_like(scores, -math.inf)
-        masked[:, allowed] = scores[:, allowed]
-        return masked
+def generation_shape(input_ids: torch.Tensor, grammar: LLMTimeGrammar, static: bool) -> GenerationShape:
+    """What generating a batch computes at most: every step written with the longest numbers."""
+    length = input_ids.shape[1]
+    return GenerationShape(
+        rows=len(grammar.state),
+        prompt_tokens=length + (-length % 64 if static else 0),  # the static cache's padding (see _Decoder)
+        max_new_tokens=grammar.steps * grammar.max_step_tokens,
+        head_rows=None if grammar.mode == "none" else len(grammar.token_ids),
+    )
 
 
-class StepsComplete(StoppingCriteria):
-    """Done for a sequence once it has generated ``steps`` step separators."""
+@dataclass
+class Generation:
+    """Tokens generated for a batch, and what it took (for FLOP counts and tokens per second)."""
 
-    def __init__(self, separator_id: int, steps: int, prompt_length: int) -> None:
-        self.separator_id, self.steps, self.prompt_length = separator_id, steps, prompt_length
+    tokens: torch.Tensor  # (rows, new_tokens): rows = prompts x samples, prompt by prompt
+    prompt_tokens: int  # padded prompt length
+    head_rows: int | None  # output-matrix rows computed per new token (None: the whole vocabulary)
+    seconds: float
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return (input_ids[:, self.prompt_length :] == self.separator_id).sum(dim=1) >= self.steps
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens.numel() / max(self.seconds, 1e-9)
+
+
+def _head_logits(head: nn.Module, hidden: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+    """float32 logits of ``hidden`` (rows, d), only for ``columns`` of the vocabulary when given."""
+    if columns is None or not isinstance(head, nn.Linear):
+        logits = head(hidden)
+        return (logits if columns is None else logits[:, columns]).float()
+    weight = head.weight[columns]
+    bias = None if head.bias is None else head.bias[columns]
+    return nn.functional.linear(hidden, weight, bias).float()
+
+
+def _choose(scores: torch.Tensor, temperature: float, top_p: float, sample: bool, generator) -> torch.Tensor:
+    """Greedy (argmax) or nucleus sampling over ``scores`` that are -inf where not allowed."""
+    if not sample:
+        return scores.argmax(dim=-1)
+    probs = torch.softmax(scores / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keep the smallest set reaching top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    pick = torch.multinomial(sorted_probs, 1, generator=generator)
+    return order.gather(-1, pick).squeeze(-1)
+
+
+@torch.no_grad()
+def next_token_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    columns: torch.Tensor | None = None,
+    cache: DynamicCache | None = None,
+) -> torch.Tensor:
+    """float32 logits (rows, vocab or columns) for the token after left-padded ``input_ids``: the
+    prefill of ``generate``, on the model exactly as validation runs it."""
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    # the cache is the 4th positional argument (named past_key_values or cache across transformers versions)
+    hidden = model.get_decoder()(input_ids, attention_mask, positions, cache, use_cache=cache is not None)
+    return _head_logits(model.get_output_embeddings(), hidden.last_hidden_state[:, -1], columns)
+
+
+class _Decoder:
+    """One new token per row through the model and its cache: a dynamic cache that grows, or
+    (``static``) a preallocated one with every shape fixed, so ``torch.compile`` (CUDA graphs)
+    compiles the step once. Prompts are left-padded to a multiple of 64 and the cache to one of
+    256, so batches of similar prompts reuse the compiled step."""
+
+    def __init__(self, model: nn.Module, input_ids, attention_mask, max_new_tokens: int, static: bool, compile: bool):
+        self.decoder = model.get_decoder()
+        if static:
+            pad = -input_ids.shape[1] % 64
+            input_ids = nn.functional.pad(input_ids, (pad, 0), value=0)
+            attention_mask = nn.functional.pad(attention_mask, (pad, 0), value=0)
+        self.input_ids, self.length, self.static = input_ids, input_ids.shape[1], static
+        if static:
+            capacity = -(-(self.length + max_new_tokens) // 256) * 256
+            self.cache = StaticCache(config=model.config, max_cache_len=capacity)
+            self.mask = attention_mask.new_zeros(len(input_ids), capacity)
+            self.mask[:, : self.length] = attention_mask
+        else:
+            self.cache, self.mask = DynamicCache(config=model.config), attention_mask
+        self.position = (attention_mask.sum(-1, keepdim=True) - 1).clamp(min=0)
+        self._step = torch.compile(self._forward, mode="reduce-overhead") if compile else self._forward
+
+    def _forward(self, tokens, mask, positions, cache_position):
+        # the cache is the 4th positional argument (past_key_values or cache across transformers versions)
+        kwargs = {"cache_position": cache_position} if self.static else {}
+        return self.decoder(tokens, mask, positions, self.cache, use_cache=True, **kwargs).last_hidden_state[:, -1]
+
+    def prefill(self) -> torch.Tensor:
+        """Hidden state after each prompt (not compiled: its shape varies with the prompts)."""
+        positions = (self.mask[:, : self.length].cumsum(-1) - 1).clamp(min=0)
+        cache_position = torch.arange(self.length, device=self.input_ids.device)
+        return self._forward(self.input_ids, self.mask, positions, cache_position)
+
+    def step(self, tokens: torch.Tensor, index: int) -> torch.Tensor:
+        """Hidden state after the ``index``-th new token (0-based) of every row."""
+        if self.static:
+            self.mask[:, self.length + index] = 1
+        else:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.mask), 1)], dim=1)
+        self.position = self.position + 1
+        cache_position = torch.tensor([self.length + index], device=tokens.device)
+        return self._step(tokens[:, None], self.mask, self.position, cache_position)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    grammar: LLMTimeGrammar,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    progress: Callable[[LLMTimeGrammar, int, float], None] | None = None,
+    static: bool = False,
+    compile: bool = False,
+) -> Generation:
+    """Continue left-padded prompts until the grammar says every row has its steps.
+
+    Our own loop rather than ``generate``: nothing from a model folder's generation_config
+    (sampling, repetition penalty, top-k) can change a forecast; the grammar masks the scores
+    before temperature and top-p; and only the output rows the grammar can allow are computed.
+    ``num_samples > 1`` samples that many continuations per prompt; 1 is greedy. ``progress`` is
+    called after every token with the grammar, the tokens so far and the seconds so far.
+    ``static`` uses a preallocated KV cache and ``compile`` compiles the per-token step (CUDA).
+    """
+    start = time.perf_counter()
+    head = model.get_output_embeddings()
+    if num_samples > 1:
+        input_ids = input_ids.repeat_interleave(num_samples, dim=0)
+        attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
+    columns = grammar.token_ids.to(input_ids.device) if grammar.mode != "none" else None
+    decoder = _Decoder(model, input_ids, attention_mask, max_new_tokens, static or compile, compile)
+    logits = _head_logits(head, decoder.prefill(), columns)
+    tokens = []
+    for index in range(max_new_tokens):
+        chosen = _choose(grammar.mask(logits), temperature, top_p, num_samples > 1, generator)
+        token = columns[chosen] if columns is not None else chosen
+        grammar.advance(token)
+        tokens.append(token)
+        if progress is not None:
+            progress(grammar, len(tokens) * len(token), time.perf_counter() - start)
+        if bool(grammar.stopped.all()):
+            break
+        logits = _head_logits(head, decoder.step(token, index), columns)
+    generated = torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(len(input_ids), 0)
+    head_rows = None if columns is None else len(columns)
+    return Generation(generated, decoder.length, head_rows, time.perf_counter() - start)
+
+
+class StepProgress:
+    """A progress bar over the forecast steps that every row has written, with tokens per second."""
+
+    def __init__(self, steps: int, description: str) -> None:
+        self.bar = tqdm(total=steps, desc=description, unit="step", leave=False, dynamic_ncols=True)
+
+    def __call__(self, grammar: LLMTimeGrammar, tokens: int, seconds: float) -> None:
+        self.bar.update(int(grammar.steps_written.min()) - self.bar.n)
+        self.bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):.0f} tokens/s", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 @dataclass
 class Forecasts:
-    """Forecasts for a batch of trajectories (all arrays on the original scale)."""
+    """Forecasts for a batch of trajectories, on the original scale. Steps that did not parse
+    (possible only without the grammar) are filled with the last valid value before them (or the
+    prompt's last value), so every step is scored; ``valid_share`` says how many parsed."""
 
-    forecast: np.ndarray  # (B, H, 2): median over samples; NaN where no sample gave a value
+    forecast: np.ndarray  # (B, H, 2): median over samples
     lower: np.ndarray  # (B, H, 2): 5% quantile over samples
     upper: np.ndarray  # (B, H, 2): 95% quantile over samples
-    samples: np.ndarray  # (B, S, H, 2)
-    valid_share: np.ndarray  # (B,): share of sampled steps that parsed
-    alpha: np.ndarray  # (B,): scale of each prompt
+    samples: np.ndarray  # (B, S, H, 2), filled
+    valid: np.ndarray  # (B, S, H): the step parsed
     texts: list[str]  # first sample's generated text per trajectory
-    flops: float  # FLOP model cost of the whole batch
-    seconds: float
+
+    @property
+    def valid_share(self) -> np.ndarray:
+        """(B,): share of sampled steps that parsed."""
+        return self.valid.mean(axis=(1, 2))
 
 
-@torch.no_grad()
-def generate_forecasts(
-    model,
-    tokenizer,
-    prompts: np.ndarray,
-    horizon: int,
-    num_samples: int = 1,
-    temperature: float = 1.0,
-    top_p: float = 0.9,
-    decimals: int = 2,
-    constrained: bool = True,
-    flop_model: FlopModel | None = None,
-) -> Forecasts:
-    """Continue each (P, 2) prompt by ``horizon`` steps with one batched ``generate`` call.
+def fill_invalid(values: np.ndarray, last_observed: np.ndarray) -> np.ndarray:
+    """Replace NaN rows of (H, V) ``values`` with the last valid row before them (the stated
+    scoring rule for steps that did not parse); ``last_observed`` (V,) stands before the first."""
+    filled = np.array(values, dtype=np.float64)
+    previous = np.asarray(last_observed, dtype=np.float64)
+    for row in filled:
+        invalid = np.isnan(row)
+        row[invalid] = previous[invalid]
+        previous = row
+    return filled
 
-    Prompts are left-padded (with an attention mask), scaled by their own alpha and end with
-    ``;`` so the model writes the next step. Greedy when ``num_samples == 1``; otherwise sampled
-    with ``temperature`` and ``top_p``, summarised by the median and a 5-95% band.
-    """
-    start = time.perf_counter()
-    prompts = np.asarray(prompts, dtype=np.float64)
-    encoded = [encode(p, decimals=decimals, name=f"prompt {i}") for i, p in enumerate(prompts)]
-    alphas = np.array([alpha for _, alpha in encoded])
-    texts = [text + STEP_SEPARATOR for text, _ in encoded]
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = padding_side
-    device = next(model.parameters()).device
-    input_ids, attention_mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
-    prompt_length = input_ids.shape[1]
-    tokens_per_step = math.ceil(attention_mask.sum(1).max().item() / prompts.shape[1])
-    separator = tokenizer(STEP_SEPARATOR, add_special_tokens=False)["input_ids"][0]
-    processors = LogitsProcessorList()
-    if constrained:
-        processors.append(AllowedTokens(llmtime_token_ids(tokenizer, allow_negative=bool((prompts < 0).any()))))
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if num_samples > 1 else {}
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=horizon * (tokens_per_step + 4),
-        num_return_sequences=num_samples,
-        logits_processor=processors,
-        stopping_criteria=StoppingCriteriaList([StepsComplete(separator, horizon, prompt_length)]),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-        **({"do_sample": False} | sampling),
-    )
-    generated = output[:, prompt_length:]
-    decoded_texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-    batch = len(prompts)
-    samples = np.stack(
-        [decode(text, alphas[i // num_samples], steps=horizon).values for i, text in enumerate(decoded_texts)]
-    ).reshape(batch, num_samples, horizon, prompts.shape[2])
-    valid = ~np.isnan(samples).any(axis=-1)  # (B, S, H)
-    with warnings.catch_warnings():  # all-NaN columns (no sample parsed) stay NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        forecast = np.nanmedian(samples, axis=1)
-        lower, upper = np.nanquantile(samples, 0.05, axis=1), np.nanquantile(samples, 0.95, axis=1)
-    flops = 0.0
-    if flop_model is not None:
-        flops = len(generated) * flop_model.generation(prompt_length, generated.shape[1])
+
+def decode_forecasts(texts: list[str], alphas: np.ndarray, prompts: np.ndarray, horizon: int) -> Forecasts:
+    """Parse ``len(alphas) * S`` generated texts (S samples per prompt, prompt by prompt)."""
+    batch, variables = len(alphas), prompts.shape[-1]
+    samples_per_prompt = len(texts) // batch
+    samples = np.empty((batch, samples_per_prompt, horizon, variables))
+    valid = np.empty((batch, samples_per_prompt, horizon), dtype=bool)
+    for row, text in enumerate(texts):
+        b, s = divmod(row, samples_per_prompt)
+        decoded = decode(text, alphas[b], n_variables=variables, steps=horizon)
+        valid[b, s] = decoded.valid
+        samples[b, s] = fill_invalid(decoded.values, prompts[b, -1])
     return Forecasts(
-        forecast=forecast,
-        lower=lower,
-        upper=upper,
+        forecast=np.median(samples, axis=1),
+        lower=np.quantile(samples, 0.05, axis=1),
+        upper=np.quantile(samples, 0.95, axis=1),
         samples=samples,
-        valid_share=valid.mean(axis=(1, 2)),
-        alpha=alphas,
-        texts=decoded_texts[::num_samples],
-        flops=flops,
-        seconds=time.perf_counter() - start,
+        valid=valid,
+        texts=texts[::samples_per_prompt],
     )
 
 
 def metrics(truth: np.ndarray, forecast: np.ndarray) -> dict[str, dict[str, float]]:
-    """MSE, MAE and R^2 per species over the steps where ``forecast`` has a value (torchmetrics)."""
+    """MSE, MAE and R^2 per species over every step of a (H, 2) forecast (torchmetrics)."""
+    if np.isnan(forecast).any():
+        raise ValueError("forecast has NaN steps: fill them (fill_invalid) before scoring")
     result = {}
     for k, name in enumerate(SPECIES):
-        mask = ~np.isnan(forecast[:, k])
-        if mask.sum() < 2:
-            result[name] = {"mse": math.nan, "mae": math.nan, "r2": math.nan}
-            continue
-        y, p = torch.as_tensor(truth[mask, k]), torch.as_tensor(forecast[mask, k])
-        result[name] = {
-            "mse": mean_squared_error(p, y).item(),
-            "mae": mean_absolute_error(p, y).item(),
-            "r2": r2_score(p, y).item(),
-        }
+        y, p = torch.as_tensor(truth[:, k]), torch.as_tensor(forecast[:, k])
+        r2 = r2_score(p, y).item() if len(y) > 1 else math.nan
+        result[name] = {"mse": mean_squared_error(p, y).item(), "mae": mean_absolute_error(p, y).item(), "r2": r2}
     return result
 
 
@@ -221,9 +337,6 @@ def lotka_volterra_forecast(prompts: np.ndarray, time: np.ndarray, horizon: int)
     params = fit_lotka_volterra(prompts, time[:steps])
     future = _integrate(params, prompts[:, -1], time[steps - 1 : steps + horizon])
     return persistence(prompts, horizon) if future is None else future[:, 1:]
-
-
-REFERENCE_FORECASTERS = ("persistence", "lotka_volterra")
 
 
 def reference_forecast(name: str, prompts: np.ndarray, time: np.ndarray, horizon: int) -> np.ndarray:

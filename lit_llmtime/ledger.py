@@ -1,70 +1,166 @@
-"""The FLOP ledger: one JSON line per run, so one budget covers every experiment (report Table 6)."""
+"""The FLOP ledger and the budget that guards it: one authority for every run that shares a ledger.
+
+The ledger is an append-only JSON-lines file of events, each appended whole and fsynced under an
+exclusive lock:
+
+- ``charge``: FLOPs a run is about to compute (charged *before* the work, so after a crash the
+  ledger is never below what was computed, and at most one charge above);
+- ``reserve``: FLOPs a live process holds back for work it has promised (a final validation, a
+  predict's generation); others cannot spend them, and the reservation of a dead process is
+  ignored, so a crash frees it;
+- ``run``: a run's description and status (name, stage, config, validation loss, ...).
+
+``Ledger.records`` folds the events into one record per run, as the report's Table 6 lists them.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import json
+import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lit_llmtime.io import write_text_atomic
-
 DEFAULT_LEDGER = "lightning_logs/flop_ledger.jsonl"
+STALE_AFTER = 24 * 3600.0  # a reservation from another machine counts as dead after this many silent seconds
 
 
 class LedgerError(ValueError):
     """The ledger file cannot be read."""
 
 
+class BudgetExhausted(ValueError):
+    """Work was refused because the FLOP budget cannot pay for it."""
+
+
+def _process() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _alive(reservation: dict[str, Any], now: float) -> bool:
+    """Whether the process holding ``reservation`` may still use it."""
+    if reservation["host"] != socket.gethostname():
+        return now - reservation["time"] < STALE_AFTER
+    try:
+        os.kill(reservation["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
 class Ledger:
-    """Records ``{"run_id", "name", "stage", "config", "steps", "flops", "status", ...}`` by run id.
+    """The events of one ledger file, folded into per-run records (in memory when ``path`` is None)."""
 
-    Each update rewrites the file atomically under a lock, so a killed run leaves the ledger as
-    of its last update and two runs sharing a ledger do not lose each other's records.
-    """
+    def __init__(self, path: str | Path | None = DEFAULT_LEDGER) -> None:
+        self.path = None if path is None else Path(path)
+        self._offset, self._lines = 0, 0  # bytes and lines of the file already folded into the state below
+        self._records: dict[str, dict[str, Any]] = {}
+        self._reservations: dict[tuple[str, int], dict[str, Any]] = {}
 
-    def __init__(self, path: str | Path = DEFAULT_LEDGER) -> None:
-        self.path = Path(path)
+    # -- reading -------------------------------------------------------------------------------
+    def _refresh(self) -> None:
+        """Fold the events appended since the last read (by any process)."""
+        if self.path is None or not self.path.is_file():
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # a line still being written by another process waits for the next read
+        for line in data[:end].split(b"\n")[:-1]:
+            if line.strip():
+                self._fold(line.decode(), self._lines + 1)
+            self._offset, self._lines = self._offset + len(line) + 1, self._lines + 1  # folded once, even on error
+
+    def _fold(self, line: str, number: int) -> None:
+        try:
+            event = json.loads(line)
+            kind = event.get("event", "run")
+            run_id = event["run_id"]
+            record = self._records.setdefault(run_id, {"run_id": run_id, "flops": 0.0, "steps": 0})
+            if kind == "charge":
+                record["flops"] += float(event["flops"])
+                record["steps"] += int(event.get("steps", 0))
+            elif kind == "reserve":
+                self._reservations[(event["host"], int(event["pid"]))] = event
+            elif kind == "run":  # also an older ledger's whole record, whose flops and steps are totals
+                record.update({k: v for k, v in event.items() if k != "event"})
+                record["flops"] = float(record["flops"])
+            else:
+                raise ValueError(f"unknown event {kind!r}")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise LedgerError(f"{self.path}, line {number}: not a ledger record ({error})") from error
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        records = []
-        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                float(record["flops"]), record["run_id"]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                raise LedgerError(f"{self.path}, line {number}: not a ledger record ({error})") from error
-            records.append(record)
-        return records
+        """One record per run, in the order the runs started."""
+        self._refresh()
+        return sorted(self._records.values(), key=lambda r: r.get("started", ""))
 
     def get(self, run_id: str) -> dict[str, Any] | None:
-        return next((r for r in self.records() if r["run_id"] == run_id), None)
+        self._refresh()
+        return self._records.get(run_id)
 
     def total(self, exclude: str | None = None) -> float:
-        """FLOPs of every recorded run (but ``exclude``)."""
-        return sum(float(r["flops"]) for r in self.records() if r["run_id"] != exclude)
+        """FLOPs charged by every run (but ``exclude``)."""
+        self._refresh()
+        return sum(r["flops"] for run_id, r in self._records.items() if run_id != exclude)
 
+    def reserved_by_others(self) -> float:
+        """FLOPs that live other processes hold back."""
+        self._refresh()
+        me, now = _process(), time.time()
+        return sum(
+            r["flops"]
+            for key, r in self._reservations.items()
+            if key != (me["host"], me["pid"]) and r["flops"] > 0 and _alive(r, now)
+        )
+
+    def reserved_by_me(self) -> float:
+        self._refresh()
+        me = _process()
+        reservation = self._reservations.get((me["host"], me["pid"]))
+        return reservation["flops"] if reservation else 0.0
+
+    # -- writing -------------------------------------------------------------------------------
     @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    def locked(self) -> Iterator[None]:
+        """Exclusive access for a read-check-append, across processes."""
+        if self.path is None:
             yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def upsert(self, record: dict[str, Any]) -> None:
-        """Insert or replace the record with ``record["run_id"]``."""
-        record = {**record, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        with self._locked():
-            records = [r for r in self.records() if r["run_id"] != record["run_id"]] + [record]
-            records.sort(key=lambda r: r.get("started", ""))
-            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in records))
+    def append(self, *events: dict[str, Any]) -> None:
+        """Append whole lines and fsync them (call under ``locked``); folded at once."""
+        lines = "".join(json.dumps(event) + "\n" for event in events)
+        if self.path is not None:
+            self._refresh()
+            with open(self.path, "a") as f:
+                if f.tell() > self._offset:  # a writer died mid-line: its fragment was never a record
+                    f.truncate(self._offset)
+                f.write(lines)
+                f.flush()
+                os.fsync(f.fileno())
+            self._offset += len(lines.encode())
+        for line in lines.splitlines():
+            self._lines += 1
+            self._fold(line, self._lines)
+
+    def update(self, run_id: str, **fields: Any) -> None:
+        """Describe a run (name, stage, status, config, val_loss, ...)."""
+        with self.locked():
+            self.append({"event": "run", "run_id": run_id, **fields, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
     def table(self, budget: float) -> str:
         """The ledger as the report's Table 6 (markdown)."""
@@ -81,3 +177,63 @@ class Ledger:
         lines.append(f"| **Total used** | | | | {spent:.3e} | **{100 * spent / budget:.4f}%** |")
         lines.append(f"| **Remaining** | | | | {budget - spent:.3e} | **{100 * (budget - spent) / budget:.4f}%** |")
         return "\n".join(lines) + "\n"
+
+
+class Budget:
+    """The one place that decides whether FLOPs may be spent: the CLI's pre-check, the callback's
+    gate before every batch and generation, the sweep's plan and ``lit-llmtime flops`` all ask it.
+
+    Args:
+        ledger: the ledger every run shares (a path, a ``Ledger``, or None for this process only).
+        budget: FLOPs allowed for all runs of the ledger together.
+    """
+
+    def __init__(self, ledger: str | Path | Ledger | None, budget: float) -> None:
+        self.ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
+        self.budget = float(budget)
+
+    def spent(self) -> float:
+        return self.ledger.total()
+
+    def available(self) -> float:
+        """What this process may still spend: the budget less every charge and every live
+        reservation of other processes (its own reservation is its to spend)."""
+        return self.budget - self.ledger.total() - self.ledger.reserved_by_others()
+
+    def allow(self, cost: float) -> bool:
+        return cost <= self.available()
+
+    def charge(self, run_id: str, cost: float, kind: str, steps: int = 0, reserve: float | None = None) -> bool:
+        """Atomically: if ``cost`` (plus a new reservation of ``reserve`` for this process) fits,
+        record it durably and return True; else record nothing and return False. Without
+        ``reserve`` the charge is paid out of this process's reservation first."""
+        with self.ledger.locked():
+            held = self.ledger.reserved_by_me()
+            keep = max(0.0, held - cost) if reserve is None else reserve
+            if cost + keep > self.available():
+                return False
+            events = [{"event": "charge", "run_id": run_id, "kind": kind, "flops": cost, "steps": steps}]
+            if keep != held:
+                events.append(self._reservation(run_id, keep))
+            self.ledger.append(*events)
+            return True
+
+    def reserve(self, run_id: str, flops: float) -> bool:
+        """Hold ``flops`` back for this process (0 releases); False (nothing changed) if they are not there."""
+        with self.ledger.locked():
+            held = self.ledger.reserved_by_me()
+            if flops > held and flops > self.available():  # giving back is always allowed
+                return False
+            if flops != held:
+                self.ledger.append(self._reservation(run_id, flops))
+            return True
+
+    def refund(self, run_id: str, flops: float, kind: str) -> None:
+        """Give back FLOPs charged as an upper bound and not spent (e.g. generation that stopped early)."""
+        if flops > 0:
+            with self.ledger.locked():
+                self.ledger.append({"event": "charge", "run_id": run_id, "kind": kind, "flops": -flops})
+
+    @staticmethod
+    def _reservation(run_id: str, flops: float) -> dict[str, Any]:
+        return {"event": "reserve", "run_id": run_id, "flops": flops, "time": time.time(), **_process()}

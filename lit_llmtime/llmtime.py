@@ -14,6 +14,7 @@ import numpy as np
 
 VARIABLE_SEPARATOR = ","
 STEP_SEPARATOR = ";"
+ALPHABET = "0123456789.,;-"  # every character LLMTIME text can hold
 
 
 def scale_alpha(trajectory: np.ndarray, percentile: float = 95.0) -> float:

@@ -1,93 +1,91 @@
-"""The LightningModule: Qwen2.5 (frozen) + our LoRA layers, trained as a causal LM on LLMTIME text."""
+"""The LightningModule: Qwen2.5 (frozen) + our LoRA layers, trained as a causal LM on LLMTIME text
+and forecasting with the LLMTIME grammar."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
-from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen2Config
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config
 
-from lit_llmtime.callbacks import flop_model_for
+from lit_llmtime.config import DEFAULT_MODEL, EncodingArgs, ForecastArgs, LoRAArgs, OptimArgs, as_args
 from lit_llmtime.data import IGNORE_INDEX, OFFLINE_TOKENIZER, load_tokenizer
-from lit_llmtime.forecast import REFERENCE_FORECASTERS, generate_forecasts, reference_forecast
-from lit_llmtime.lora import apply_lora, count_trainable, merge_lora, trainable_state_dict, unmerge_lora
-
-DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
-
-# Qwen2.5-0.5B-Instruct's architecture (its config.json), for FLOP counts and meta-device checks.
-QWEN2_5_0_5B_CONFIG = dict(
-    vocab_size=151936,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-6,
-    rope_theta=1000000.0,
-    tie_word_embeddings=True,
+from lit_llmtime.forecast import (
+    GenerationShape,
+    StepProgress,
+    batch_grammar,
+    decode_forecasts,
+    generate,
+    generation_shape,
+    reference_forecast,
 )
+from lit_llmtime.gguf import check_tokenizer_agrees, is_gguf, load_gguf_model
+from lit_llmtime.grammar import LLMTimeGrammar
+from lit_llmtime.llmtime import ALPHABET
+from lit_llmtime.lora import apply_lora, count_trainable, trainable_state_dict
+from lit_llmtime.loss import evaluation_losses, linear_cross_entropy, row_targets
 
 
 def build_base_model(
-    model_name_or_path: str, model_config: dict[str, Any] | None, dtype: torch.dtype, init_seed: int = 0
+    model_name_or_path: str,
+    model_config: dict[str, Any] | None,
+    dtype: torch.dtype,
+    init_seed: int = 0,
+    tokenizer: str | None = None,
 ) -> PreTrainedModel:
-    """Pretrained weights (Hub id or folder), or a randomly initialised Qwen2 from ``model_config``.
+    """Pretrained weights (Hub id, folder or ``.gguf`` file), or a randomly initialised Qwen2 from
+    ``model_config``.
 
     Random weights come from ``init_seed``, so a checkpoint holding only the adapter reloads onto
-    the very same base model.
+    the very same base model. A GGUF file's own tokenizer must agree with ``tokenizer`` on the
+    LLMTIME alphabet.
     """
-    if model_config is None:
-        return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
-        return AutoModelForCausalLM.from_config(Qwen2Config(**model_config), dtype=dtype)
+    if model_config is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            return AutoModelForCausalLM.from_config(Qwen2Config(**model_config), dtype=dtype)
+    if is_gguf(model_name_or_path):
+        if tokenizer is not None:
+            check_tokenizer_agrees(model_name_or_path, load_tokenizer(tokenizer))
+        return load_gguf_model(model_name_or_path, dtype)
+    return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token cross-entropy over labelled positions, and how many there were."""
-    targets = labels[:, 1:].reshape(-1)
-    loss = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    count = (targets != IGNORE_INDEX).sum()
-    return loss / count.clamp(min=1), count
+def llmtime_head_rows(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """Output rows of the LLMTIME characters and end-of-text: all a forecast (or its loss) needs."""
+    ids = [tokenizer(char, add_special_tokens=False)["input_ids"] for char in ALPHABET]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(
+            f"tokenizer splits an LLMTIME character into several tokens: {dict(zip(ALPHABET, ids, strict=True))}"
+        )
+    return torch.tensor([i[0] for i in ids] + [tokenizer.eos_token_id])
 
 
 class LLMTimeLoRA(L.LightningModule):
-    """Qwen2.5 with LoRA on chosen projections, trained on LLMTIME token windows.
+    """Qwen2.5 with LoRA on chosen projections, trained on LLMTIME token windows; forecasts in ``predict``.
 
     Args:
-        model_name_or_path: Hub id or local folder of the pretrained model.
+        model_name_or_path: Hub id, local folder or ``.gguf`` file of the pretrained model.
         model_config: Qwen2Config fields of a small randomly initialised model (tests, quickstart);
             when given, ``model_name_or_path`` is not loaded.
         init_seed: seed of the random weights when ``model_config`` is given.
-        lora_rank: LoRA rank r.
-        lora_alpha: LoRA alpha (update scaled by alpha / r); defaults to r.
-        lora_dropout: dropout on the LoRA path's input.
-        lora_targets: names of the linear layers to adapt in every block.
-        train_lm_head_bias: add a trainable zero-initialised lm_head bias (the coursework skeleton).
-        learning_rate: Adam learning rate.
-        weight_decay: Adam(W) weight decay; 0 gives the report's plain Adam.
-        warmup_steps: linear learning-rate warm-up steps.
-        lr_schedule: ``constant`` after warm-up, or ``cosine`` decay to 0 over the run.
         torch_dtype: dtype of the frozen base (float32 on CPU, bfloat16 on GPU); LoRA stays float32.
         tokenizer: tokenizer of the data (linked from the data module).
-        context_length: tokens per training window (linked from the data module).
-        batch_size: windows per batch per device (linked from the data module).
-        prompt_steps: time steps given to the model in ``predict``.
-        forecast_steps: time steps it must generate.
-        num_samples: forecasts sampled per trajectory; 1 is greedy, more give a median and 5-95% band.
-        temperature: sampling temperature when ``num_samples > 1``.
-        top_p: nucleus sampling threshold when ``num_samples > 1``.
-        constrained: allow only LLMTIME characters and end-of-text while generating.
-        reference_forecasters: classical forecasters run on the same prompts for comparison
-            (``persistence``, ``lotka_volterra``).
+        lora: the LoRA adapters.
+        optim: the optimiser and learning-rate schedule.
+        forecast: generation and reference forecasters in ``predict``.
+        encoding: how the data was written as text (linked from the data module).
+        output_vocab: output rows the training loss computes: ``full`` (all 151,936, as the report)
+            or ``llmtime`` (the 14 LLMTIME characters and end-of-text: about a quarter fewer FLOPs
+            per step for Qwen2.5-0.5B). Validation reports the full-vocabulary loss either way
+            (``val/loss``), and with ``llmtime`` also the loss over those rows (``val/loss_llmtime``).
     """
 
     def __init__(
@@ -95,37 +93,41 @@ class LLMTimeLoRA(L.LightningModule):
         model_name_or_path: str = DEFAULT_MODEL,
         model_config: dict[str, Any] | None = None,
         init_seed: int = 0,
-        lora_rank: int = 4,
-        lora_alpha: float | None = None,
-        lora_dropout: float = 0.0,
-        lora_targets: list[str] = ["q_proj", "v_proj"],  # noqa: B006 (jsonargparse needs a list)
-        train_lm_head_bias: bool = False,
-        learning_rate: float = 1e-5,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
         torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         tokenizer: str = OFFLINE_TOKENIZER,
-        context_length: int = 512,
-        batch_size: int = 4,
-        prompt_steps: int = 50,
-        forecast_steps: int = 50,
-        num_samples: int = 1,
-        temperature: float = 1.0,
-        top_p: float = 0.9,
-        constrained: bool = True,
-        reference_forecasters: list[str] = ["persistence", "lotka_volterra"],  # noqa: B006
+        lora: LoRAArgs = LoRAArgs(),  # noqa: B008 (jsonargparse reads the group from it)
+        optim: OptimArgs = OptimArgs(),  # noqa: B008
+        forecast: ForecastArgs = ForecastArgs(),  # noqa: B008
+        encoding: EncodingArgs = EncodingArgs(),  # noqa: B008
+        output_vocab: Literal["full", "llmtime"] = "full",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        unknown = sorted(set(reference_forecasters) - set(REFERENCE_FORECASTERS))
-        if unknown:
-            raise ValueError(f"unknown reference forecasters {unknown}; choose from {list(REFERENCE_FORECASTERS)}")
-        self.model = build_base_model(model_name_or_path, model_config, getattr(torch, torch_dtype), init_seed)
-        apply_lora(self.model, lora_targets, lora_rank, lora_alpha, lora_dropout, train_lm_head_bias)
-        self.val_loss = MeanMetric()
-        self.test_loss = MeanMetric()
+        self.lora, self.optim = as_args(LoRAArgs, lora), as_args(OptimArgs, optim)
+        self.forecast, self.encoding = as_args(ForecastArgs, forecast), as_args(EncodingArgs, encoding)
+        # Plain values, so checkpoints load with weights_only. The forecast settings describe a predict
+        # call, not the trained weights: a checkpoint must not override them (LightningCLI applies a
+        # checkpoint's hyperparameters over the config).
+        self.save_hyperparameters(
+            {
+                "model_name_or_path": model_name_or_path,
+                "model_config": model_config,
+                "init_seed": init_seed,
+                "torch_dtype": torch_dtype,
+                "tokenizer": tokenizer,
+                "output_vocab": output_vocab,
+                **{name: asdict(getattr(self, name)) for name in ("lora", "optim", "encoding")},
+            }
+        )
+        self.model = build_base_model(
+            model_name_or_path, model_config, getattr(torch, torch_dtype), init_seed, tokenizer
+        )
+        lora = self.lora
+        apply_lora(self.model, lora.targets, lora.rank, lora.alpha, lora.dropout, lora.train_lm_head_bias)
+        self.val_loss, self.val_loss_llmtime, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.strict_loading = False  # checkpoints hold only the trainable tensors
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        rows = llmtime_head_rows(self.tokenizer) if output_vocab == "llmtime" else None
+        self.register_buffer("head_rows", rows, persistent=False)
 
     @property
     def trainable_parameters(self) -> int:
@@ -135,28 +137,58 @@ class LLMTimeLoRA(L.LightningModule):
         """Logits (batch, tokens, vocab)."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return causal_lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+    def _hidden_and_targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states of every position that predicts a token, and that token (flattened)."""
+        decoder = self.model.get_decoder()
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        hidden = hidden.last_hidden_state[:, :-1]
+        return hidden.reshape(-1, hidden.size(-1)), batch["labels"][:, 1:].reshape(-1)
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> int | None:
-        """Skip the step when a callback (the FLOP budget) asked to stop before it."""
+        """Skip the batch when a callback (the FLOP budget) asked to stop before it."""
         return -1 if self.trainer.should_stop else None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._loss(batch)
+        """Mean next-token cross-entropy over labelled tokens, the output layer applied in chunks."""
+        hidden, targets = self._hidden_and_targets(batch)
+        head, rows = self.model.get_output_embeddings(), self.head_rows
+        scored = targets if rows is None else row_targets(targets, rows)
+        if isinstance(head, nn.Linear):
+            total = linear_cross_entropy(hidden, head, scored, rows)
+        else:  # an adapted output layer (lora.targets with lm_head): plain logits
+            logits = head(hidden).float()
+            total = F.cross_entropy(logits if rows is None else logits[:, rows], scored, reduction="sum")
+        loss = total / (targets != IGNORE_INDEX).sum().clamp(min=1)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
         return loss
 
+    def _evaluate(self, batch: dict[str, torch.Tensor], metric: MeanMetric, restricted: MeanMetric | None) -> None:
+        hidden, targets = self._hidden_and_targets(batch)
+        full, rows_only = evaluation_losses(hidden, self.model.get_output_embeddings(), targets, self.head_rows)
+        count = (targets != IGNORE_INDEX).sum()
+        metric.update(full / count.clamp(min=1), count)  # token-weighted: the mean over every labelled token
+        if restricted is not None and rows_only is not None:
+            restricted.update(rows_only / count.clamp(min=1), count)
+
+    def on_validation_epoch_start(self) -> None:
+        # fresh state in this pass's grad mode (a validate() before fit() left inference tensors)
+        self.val_loss.reset()
+        self.val_loss_llmtime.reset()
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, count = self._loss(batch)
-        self.val_loss.update(loss, count)  # token-weighted: the mean over every labelled token
+        self._evaluate(batch, self.val_loss, self.val_loss_llmtime)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_loss("val", self.val_loss)
+        if self.val_loss_llmtime.update_count:
+            self.log("val/loss_llmtime", self.val_loss_llmtime.compute(), sync_dist=False)
+            self.val_loss_llmtime.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.test_loss.reset()
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, count = self._loss(batch)
-        self.test_loss.update(loss, count)
+        self._evaluate(batch, self.test_loss, None)
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch_loss("test", self.test_loss)
@@ -176,59 +208,84 @@ class LLMTimeLoRA(L.LightningModule):
             self.logger.log_metrics({"model/trainable_parameters": self.trainable_parameters}, step=0)
 
     # -- forecasting ---------------------------------------------------------------------------
-    def on_predict_start(self) -> None:
-        self.tokenizer = load_tokenizer(self.hparams.tokenizer)
-        self.flop_model = flop_model_for(self)
-        merge_lora(self.model)  # one matrix per projection while generating
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The data's tokenizer (loaded on first use: only forecasting needs it)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
+        return self._tokenizer
 
-    def on_predict_end(self) -> None:
-        unmerge_lora(self.model)
+    def grammar(self, batch: dict[str, torch.Tensor]) -> LLMTimeGrammar:
+        """The decoding constraint of a predict batch (one row per prompt and sample)."""
+        return batch_grammar(self.tokenizer, batch, self.forecast, self.encoding.decimals)
+
+    def compiled_generation(self) -> bool:
+        """Static KV cache and a compiled decoding step (``forecast.compile``; ``auto``: on CUDA)."""
+        return self.forecast.compile == "on" or (self.forecast.compile == "auto" and self.device.type == "cuda")
+
+    def generation_shape(self, batch: dict[str, torch.Tensor]) -> GenerationShape:
+        """What generating this batch computes at most (the FLOP budget charges it beforehand)."""
+        return generation_shape(batch["input_ids"], self.grammar(batch), self.compiled_generation())
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        """Forecast ``forecast_steps`` steps of each trajectory from its first ``prompt_steps``."""
-        hp = self.hparams
-        trajectories = batch["trajectory"].cpu().numpy()
-        time = batch["time"][0].cpu().numpy()
-        if trajectories.shape[1] < hp.prompt_steps + hp.forecast_steps:
+        """Forecast ``forecast.forecast_steps`` steps of each trajectory from its prompt."""
+        horizon = self.forecast.forecast_steps
+        if batch["future"].shape[1] < horizon:
             raise ValueError(
-                f"trajectories have {trajectories.shape[1]} steps, fewer than prompt_steps + forecast_steps "
-                f"= {hp.prompt_steps + hp.forecast_steps}"
+                f"trajectories have {batch['future'].shape[1]} steps after the prompt, fewer than "
+                f"forecast.forecast_steps={horizon}"
             )
-        prompts = trajectories[:, : hp.prompt_steps]
-        truth = trajectories[:, hp.prompt_steps : hp.prompt_steps + hp.forecast_steps]
-        result = generate_forecasts(
-            self.model, self.tokenizer, prompts, hp.forecast_steps, hp.num_samples, hp.temperature, hp.top_p,
-            constrained=hp.constrained, flop_model=self.flop_model,
-        )  # fmt: skip
+        prompts, alphas = batch["prompt"].cpu().numpy(), batch["alpha"].cpu().numpy()
+        time = batch["time"].cpu().numpy()
+        show = self.trainer.progress_bar_callback is not None and self.trainer.is_global_zero
+        progress = StepProgress(horizon, f"forecast batch {batch_idx}") if show else None
+        try:
+            generation = generate(
+                self.model, batch["input_ids"], batch["attention_mask"], self.grammar(batch),
+                self.generation_shape(batch).max_new_tokens, self.forecast.num_samples, self.forecast.temperature,
+                self.forecast.top_p, progress=progress, compile=self.compiled_generation(),
+            )  # fmt: skip
+        finally:
+            if progress is not None:
+                progress.close()
+        texts = self.tokenizer.batch_decode(generation.tokens, skip_special_tokens=True)
+        forecasts = decode_forecasts(texts, alphas, prompts, horizon)
         references = {
-            name: reference_forecast(name, prompts, time, hp.forecast_steps) for name in hp.reference_forecasters
+            name: reference_forecast(name, prompts, time, horizon) for name in self.forecast.reference_forecasters
         }
         return {
             "index": batch["index"].cpu().numpy(),
             "time": time,
             "prompt": prompts,
-            "truth": truth,
+            "truth": batch["future"][:, :horizon].cpu().numpy(),
+            "alpha": alphas,
             "references": references,
-            **{k: getattr(result, k) for k in ("forecast", "lower", "upper", "samples", "valid_share", "alpha")},
-            "texts": result.texts,
-            "flops": result.flops,
-            "seconds": result.seconds,
+            "forecast": forecasts.forecast,
+            "lower": forecasts.lower,
+            "upper": forecasts.upper,
+            "samples": forecasts.samples,
+            "valid_share": forecasts.valid_share,
+            "texts": forecasts.texts,
+            "generation": generation,
+            "tokens": generation.tokens.numel(),
+            "seconds": generation.seconds,
+            "flops": 0.0,  # the FLOP budget callback puts the generation's cost here
         }
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
-        hp = self.hparams
-        if hp.weight_decay > 0:
-            optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        optim = self.optim
+        if optim.weight_decay > 0:
+            optimizer = torch.optim.AdamW(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
         else:
-            optimizer = torch.optim.Adam(params, lr=hp.learning_rate)
-        total = max(1, self.trainer.estimated_stepping_batches) if hp.lr_schedule == "cosine" else 1
+            optimizer = torch.optim.Adam(params, lr=optim.learning_rate)
+        total = max(1, self.trainer.estimated_stepping_batches) if optim.schedule == "cosine" else 1
 
         def factor(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            if hp.lr_schedule == "cosine":
-                progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+            if step < optim.warmup_steps:
+                return (step + 1) / optim.warmup_steps
+            if optim.schedule == "cosine":
+                progress = min(1.0, (step - optim.warmup_steps) / max(1, total - optim.warmup_steps))
                 return 0.5 * (1 + math.cos(math.pi * progress))
             return 1.0
 

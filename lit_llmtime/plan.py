@@ -1,99 +1,210 @@
-"""A run's FLOP cost predicted from its config, before anything is loaded (for ``flops``, the
-pre-fit budget check and sweeps)."""
+"""A run's FLOP cost predicted from its resolved configuration (``run.resolve_run``), before any
+weights are loaded: how many batches train, how many validate, and what generation may cost.
+
+The loop follows Lightning's own rules (``val_check_interval`` as batches or a share of the
+epoch, ``check_val_every_n_epoch``, ``limit_*_batches`` as counts or shares, sanity checks,
+gradient accumulation, ``max_steps``/``max_epochs``, distributed samplers' padding), so the
+prediction equals what the FLOP budget charges when the run is not stopped early.
+"""
 
 from __future__ import annotations
 
-import inspect
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+import torch
 
-from lit_llmtime.callbacks import FlopBudget
-from lit_llmtime.data import LotkaVolterraDataModule
+from lit_llmtime.config import DEFAULT_MODEL, QWEN2_5_0_5B_CONFIG, EncodingArgs, ForecastArgs, LoRAArgs, as_args
 from lit_llmtime.flops import Accounting, FlopModel
-from lit_llmtime.model import DEFAULT_MODEL, QWEN2_5_0_5B_CONFIG, LLMTimeLoRA
+from lit_llmtime.llmtime import ALPHABET
 
 
-def defaults(cls: type) -> dict[str, Any]:
-    """The keyword defaults of ``cls.__init__``."""
-    return {
-        name: p.default
-        for name, p in inspect.signature(cls.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
+def _get(namespace: Any, key: str, default: Any = None) -> Any:
+    """``namespace.key`` for jsonargparse Namespaces and dicts alike."""
+    value = namespace.get(key, default) if hasattr(namespace, "get") else getattr(namespace, key, default)
+    return default if value is None else value
 
 
-def run_arguments(config: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
-    """Model, data, trainer and flop_budget arguments of a LightningCLI config dict, defaults filled in."""
-    return (
-        defaults(LLMTimeLoRA) | (config.get("model") or {}),
-        defaults(LotkaVolterraDataModule) | (config.get("data") or {}),
-        config.get("trainer") or {},
-        defaults(FlopBudget) | (config.get("flop_budget") or {}),
-    )
-
-
-def load_config(path: str | Path) -> dict[str, Any]:
-    """A LightningCLI YAML as a dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: config not found")
-    return yaml.safe_load(path.read_text()) or {}
-
-
-def base_config(model_name_or_path: str, model_config: dict | None) -> dict | object:
+def base_config(model_name_or_path: str, model_config: dict | None) -> Any:
     """The architecture behind a model argument, without loading weights (offline for Qwen2.5-0.5B)."""
-    if model_config is not None:
-        return model_config
+    if model_config:
+        return dict(model_config)
     if model_name_or_path == DEFAULT_MODEL:
         return QWEN2_5_0_5B_CONFIG
+    from lit_llmtime.gguf import gguf_config, is_gguf
+
+    if is_gguf(model_name_or_path):
+        return gguf_config(model_name_or_path)
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model_name_or_path)
 
 
-def flop_model_from_args(model: dict, accounting: Accounting = "exact") -> FlopModel:
-    """FLOP model of ``LLMTimeLoRA`` arguments."""
+def flop_model_of(config: Any, accounting: Accounting | None = None) -> FlopModel:
+    """The FLOP model of a resolved run configuration (its model and LoRA settings)."""
+    model = config.model
+    lora = as_args(LoRAArgs, model.lora)
     return FlopModel(
-        base_config(model["model_name_or_path"], model.get("model_config")),
-        lora_rank=model["lora_rank"],
-        lora_targets=model["lora_targets"],
-        lm_head_bias=model["train_lm_head_bias"],
-        accounting=accounting,
+        base_config(model.model_name_or_path, model.model_config),
+        lora_rank=lora.rank,
+        lora_targets=lora.targets,
+        lm_head_bias=lora.train_lm_head_bias,
+        accounting=accounting or config.flop_budget.accounting,
+        train_head_rows=len(ALPHABET) + 1 if model.output_vocab == "llmtime" else None,  # + end-of-text
     )
 
 
-def step_flops(model: dict, data: dict, devices: int = 1, accounting: Accounting = "exact") -> float:
-    """FLOPs of one full training step on ``devices`` devices."""
-    return devices * flop_model_from_args(model, accounting).train_step(data["batch_size"], data["context_length"])
+def world_size(trainer: Any) -> int:
+    """Processes of a run: devices per node x nodes (``auto`` counts the GPUs, else 1)."""
+    devices, accelerator = _get(trainer, "devices", "auto"), str(_get(trainer, "accelerator", "auto"))
+    gpus = torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") else 0
+    if isinstance(devices, str):
+        devices = devices.strip()
+        if devices == "auto":
+            devices = gpus or 1
+        elif "," in devices:
+            devices = len([d for d in devices.split(",") if d.strip()])
+        else:
+            devices = int(devices)
+    if isinstance(devices, list | tuple):
+        devices = len(devices)
+    if devices == -1:
+        devices = gpus or 1
+    return int(devices) * int(_get(trainer, "num_nodes", 1))
 
 
-def validation_flops(config: dict[str, Any], accounting: Accounting = "exact") -> float:
-    """FLOPs of every validation pass of a fit (sanity check included); reads the data file."""
-    model, data_args, trainer, _ = run_arguments(config)
-    data = LotkaVolterraDataModule(**data_args)
+def limit_batches(batches: int, limit: int | float | None) -> int:
+    """Lightning's ``limit_*_batches``: a count, or a share of the batches."""
+    if limit is None:
+        return batches
+    if isinstance(limit, bool):
+        raise ValueError(f"limit must be a number of batches or a share, got {limit}")
+    return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+
+
+def batch_sizes(windows: int, batch_size: int, ranks: int) -> list[int]:
+    """Batch sizes on each rank: a distributed sampler pads every rank to ceil(windows / ranks)."""
+    per_rank = math.ceil(windows / ranks)
+    return [batch_size] * (per_rank // batch_size) + ([per_rank % batch_size] if per_rank % batch_size else [])
+
+
+@dataclass
+class FitPlan:
+    """What a fit will compute, counted on one rank; FLOPs summed over all ranks."""
+
+    ranks: int
+    train_batches: int
+    optimizer_steps: int
+    val_passes: int
+    val_batches: int  # all passes, sanity check included
+    train_flops: float
+    val_flops: float
+
+    @property
+    def flops(self) -> float:
+        return self.train_flops + self.val_flops
+
+
+def plan_fit(config: Any, accounting: Accounting | None = None, windows: dict[str, int] | None = None) -> FitPlan:
+    """Walk a fit's loop as Lightning does and add up its FLOPs.
+
+    ``windows`` (training and validation windows) is read from the data set when not given.
+    """
+    trainer, data = config.trainer, config.data
+    ranks = world_size(trainer)
+    windows = windows or count_windows(config)
+    flop_model = flop_model_of(config, accounting)
+    context, batch_size = data.context_length, data.batch_size
+    train_sizes = batch_sizes(windows["train"], batch_size, ranks)
+    train_sizes = train_sizes[: limit_batches(len(train_sizes), _get(trainer, "limit_train_batches"))]
+    val_sizes = batch_sizes(windows["val"], batch_size, ranks)
+    val_sizes = val_sizes[: limit_batches(len(val_sizes), _get(trainer, "limit_val_batches"))]
+    per_batch_train = {size: ranks * flop_model.train_step(size, context) for size in set(train_sizes)}
+    val_pass = sum(ranks * flop_model.batch_forward(size, context) for size in val_sizes)
+
+    max_steps = _get(trainer, "max_steps", -1)
+    max_epochs = _get(trainer, "max_epochs", None)
+    if max_epochs is None:
+        max_epochs = -1 if max_steps != -1 else 1000  # Lightning's default when neither is set
+    if max_steps == -1 and max_epochs == -1:
+        raise ValueError("an endless run (max_steps and max_epochs both -1) has no predictable cost")
+    accumulate = _get(trainer, "accumulate_grad_batches", 1)
+    every_n_epochs = trainer.get("check_val_every_n_epoch", 1) if hasattr(trainer, "get") else 1
+    interval = _get(trainer, "val_check_interval", 1.0)
+    validating = bool(val_sizes) and len(train_sizes) > 0
+    check_batch = interval if isinstance(interval, int) else max(1, int(len(train_sizes) * interval))
+
+    sanity = _get(trainer, "num_sanity_val_steps", 2)
+    sanity_batches = (len(val_sizes) if sanity == -1 else min(sanity, len(val_sizes))) if validating else 0
+    val_flops = sum(ranks * flop_model.batch_forward(size, context) for size in val_sizes[:sanity_batches])
+    train_flops, steps, batches, passes, epoch = 0.0, 0, 0, 0, 0
+    while (max_epochs == -1 or epoch < max_epochs) and train_sizes and (max_steps == -1 or steps < max_steps):
+        for index, size in enumerate(train_sizes):
+            train_flops += per_batch_train[size]
+            batches += 1
+            if (index + 1) % accumulate == 0 or index + 1 == len(train_sizes):
+                steps += 1
+            epoch_checks = every_n_epochs is None or (epoch + 1) % every_n_epochs == 0
+            iteration = batches - 1 if every_n_epochs is None else index
+            if validating and epoch_checks and (iteration + 1) % check_batch == 0:
+                passes += 1
+                val_flops += val_pass
+            if max_steps != -1 and steps >= max_steps:
+                break
+        epoch += 1
+    return FitPlan(ranks, batches, steps, passes, sanity_batches + passes * len(val_sizes), train_flops, val_flops)
+
+
+_windows: dict[str, dict[str, int]] = {}  # a sweep plans many runs on the same data
+
+
+def _datamodule(config: Any):
+    """The run's data module, its file simulated if the config would."""
+    from lit_llmtime.data import LotkaVolterraDataModule
+
+    arguments = config.data.as_dict() if hasattr(config.data, "as_dict") else dict(config.data)
+    arguments["encoding"] = as_args(EncodingArgs, arguments["encoding"])
+    data = LotkaVolterraDataModule(**arguments)
     data.prepare_data()
-    data.setup("fit")
-    batch_size = data_args["batch_size"]
-    val_batches = math.ceil(len(data.datasets["val"]) / batch_size)
-    limit = trainer.get("limit_val_batches")
-    if isinstance(limit, int):
-        val_batches = min(val_batches, limit)
-    steps = int(trainer.get("max_steps", -1))
-    interval = trainer.get("val_check_interval")
-    passes = steps // interval if isinstance(interval, int) else max(1, steps // max(1, len(data.train_dataloader())))
-    sanity = min(trainer.get("num_sanity_val_steps", 2), val_batches)
-    forward = flop_model_from_args(model, accounting).batch_forward(batch_size, data_args["context_length"])
-    return (passes * val_batches + sanity) * forward
+    return data
 
 
-def fit_flops(config: dict[str, Any], accounting: Accounting = "exact") -> float:
-    """FLOPs of a whole fit: ``max_steps`` full training steps plus its validation passes."""
-    model, data, trainer, _ = run_arguments(config)
-    steps = int(trainer.get("max_steps", -1))
-    if steps <= 0:
-        raise ValueError("predicting a fit's cost needs trainer.max_steps")
-    devices = trainer.get("devices", 1) if isinstance(trainer.get("devices", 1), int) else 1
-    return steps * step_flops(model, data, devices, accounting) + validation_flops(config, accounting)
+def count_windows(config: Any) -> dict[str, int]:
+    """Training and validation windows of a run's data."""
+    arguments = config.data.as_dict() if hasattr(config.data, "as_dict") else dict(config.data)
+    path = Path(arguments["data_path"])
+    key = repr((sorted(arguments.items()), path.stat().st_mtime if path.is_file() else None))
+    if key not in _windows:
+        data = _datamodule(config)
+        data.setup("fit")
+        _windows[key] = {split: len(data.datasets[split]) for split in ("train", "val")}
+    return _windows[key]
+
+
+def plan_predict(config: Any, accounting: Accounting | None = None) -> tuple[int, float]:
+    """Trajectories a ``predict`` of this configuration forecasts, and the most its generation can
+    cost (every step written with the longest numbers: what the budget charges before it runs; on
+    CUDA the static cache also pads each prompt to a multiple of 64 tokens)."""
+    from lit_llmtime.forecast import batch_grammar, generation_shape
+
+    data = _datamodule(config)
+    data.setup("predict")
+    forecast, flop_model = as_args(ForecastArgs, config.model.forecast), flop_model_of(config, accounting)
+    total = 0.0
+    for batch in data.predict_dataloader():
+        grammar = batch_grammar(data.tokenizer, batch, forecast, data.encoding.decimals)
+        shape = generation_shape(batch["input_ids"], grammar, static=False)
+        total += shape.rows * flop_model.generation(
+            shape.prompt_tokens, shape.max_new_tokens, head_rows=shape.head_rows
+        )
+    return len(data.datasets["predict"]), total
+
+
+def step_flops(config: Any, accounting: Accounting | None = None) -> float:
+    """FLOPs of one full training batch on every rank (what the budget checks before a step)."""
+    data = config.data
+    return world_size(config.trainer) * flop_model_of(config, accounting).train_step(
+        data.batch_size, data.context_length
+    )

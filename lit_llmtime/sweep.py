@@ -15,10 +15,12 @@ from typing import Any
 import yaml
 
 from lit_llmtime.io import write_text_atomic
-from lit_llmtime.ledger import DEFAULT_LEDGER, Ledger
-from lit_llmtime.plan import fit_flops
+from lit_llmtime.ledger import DEFAULT_LEDGER, Budget, Ledger
+from lit_llmtime.plan import plan_fit
+from lit_llmtime.run import resolve_run, run_identity
 
 FINISHED = ("finished", "stopped: budget")
+REUSABLE = ("done", "done before", "would run")  # a later run with the same configuration reuses these
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Run:
     status: str = "pending"
     predicted_flops: float = 0.0
     record: dict[str, Any] | None = field(default=None, repr=False)
+    identity: dict[str, Any] | None = field(default=None, repr=False)
 
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
@@ -89,24 +92,9 @@ def stage_runs(spec: dict[str, Any], stage: dict[str, Any], best: dict[str, Any]
     return runs
 
 
-def merged_config(spec: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """The base YAML with dotted overrides applied (what ``fit`` will see, defaults aside)."""
-    config = yaml.safe_load(Path(spec["base"]).read_text()) or {}
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):  # absent, or an empty section (None) in the YAML
-                node[part] = {}
-            node = node[part]
-        node[leaf] = value
-    return config
-
-
-def predicted_flops(spec: dict[str, Any], overrides: dict[str, Any]) -> float:
-    """Training plus validation FLOPs of a run, before it starts."""
-    config = merged_config(spec, overrides)
-    return fit_flops(config, (config.get("flop_budget") or {}).get("accounting", "exact"))
+def resolved(spec: dict[str, Any], run: Run) -> Any:
+    """The resolved configuration the run's ``fit`` will have (same arguments, same parser)."""
+    return resolve_run(_arguments(spec, run, None))
 
 
 def _arguments(spec: dict[str, Any], run: Run, checkpoint: Path | None) -> list[str]:
@@ -128,36 +116,46 @@ def _arguments(spec: dict[str, Any], run: Run, checkpoint: Path | None) -> list[
 
 def _finished_record(ledger: Ledger, name: str) -> dict[str, Any] | None:
     done = [
-        r for r in ledger.records() if r.get("name") == name and r.get("stage") == "fit" and r.get("status") in FINISHED
+        r
+        for r in ledger.records()
+        if r.get("name") == name and r.get("stage") == "fit" and str(r.get("status")).startswith(FINISHED)
     ]
     return done[-1] if done else None
 
 
 def run_sweep(path: str | Path, dry_run: bool = False) -> list[Run]:
-    """Run every stage of a sweep, skipping completed runs and runs the budget cannot afford."""
+    """Run every stage of a sweep, skipping completed runs and runs the budget cannot afford; a run
+    whose resolved configuration equals an earlier run's is not trained again but reuses it."""
     spec = load_sweep(path)
     ledger = Ledger(spec["ledger"])
+    budget = Budget(ledger, spec["budget"])
     runs: list[Run] = []
     planned = 0.0  # a dry run's would-be spending
     for stage in spec["stages"]:
         best = best_overrides(runs)
-        if dry_run and best is None and stage.get("inherit_best"):
-            print(f"[sweep] stage {stage['name']} and later depend on the best run: not planned in a dry run")
-            break
+        if best is None and stage.get("inherit_best") and dry_run:
+            best = assumed_best(runs)
+            if best is None:
+                print(f"[sweep] stage {stage['name']} depends on the best run and none is planned: not planned")
+                break
+            print(f"[sweep] stage {stage['name']}: assuming the best run so far is the costliest, {best[1].name}")
+            best = best[0]
         for run in stage_runs(spec, stage, best):
-            same = next((r for r in runs if r.record is not None and r.overrides == run.overrides), None)
+            config = resolved(spec, run)
+            run.identity = run_identity(config)
+            same = next((r for r in runs if r.identity == run.identity and r.status in REUSABLE), None)
             runs.append(run)
-            if same is not None:  # e.g. the context study's own context: reuse, as the report did
+            if same is not None:  # e.g. the context study's own context length: reuse, as the report did
                 run.status, run.record = f"same as {same.name}", same.record
-                print(f"[sweep] {run.name}: same configuration as {same.name}, reused")
+                print(f"[sweep] {run.name}: same configuration as {same.name}, reused (0 FLOPs)")
                 continue
             record = _finished_record(ledger, run.name)
             if record is not None:
                 run.status, run.record = "done before", record
                 print(f"[sweep] {run.name}: already completed ({record['steps']} steps), skipped")
                 continue
-            run.predicted_flops = predicted_flops(spec, run.overrides)
-            left = float(spec["budget"]) - float(spec["reserve"]) - ledger.total() - planned
+            run.predicted_flops = plan_fit(config).flops
+            left = budget.available() - float(spec["reserve"]) - planned
             if run.predicted_flops > left:
                 run.status = "skipped: budget"
                 print(f"[sweep] {run.name}: needs {run.predicted_flops:.3e} FLOPs, only {left:.3e} left: skipped")
@@ -183,8 +181,20 @@ def run_sweep(path: str | Path, dry_run: bool = False) -> list[Run]:
                 print(f"[sweep] {run.name}: FAILED with exit code {result.returncode}; going on", flush=True)
             else:
                 run.status = "done"
+    if dry_run:
+        print(f"[sweep] the runs that would run cost {planned:.3e} FLOPs in all")
     write_results(spec, runs)
     return runs
+
+
+def assumed_best(runs: list[Run]) -> tuple[dict[str, Any], Run] | None:
+    """For a dry run, where no run has a validation loss yet: the costliest planned run, so the
+    plan of the stages that inherit from it is an upper bound."""
+    planned = [r for r in runs if r.status in REUSABLE]
+    if not planned:
+        return None
+    costliest = max(planned, key=lambda r: r.predicted_flops)
+    return costliest.overrides, costliest
 
 
 def best_overrides(runs: list[Run]) -> dict[str, Any] | None:

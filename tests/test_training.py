@@ -114,7 +114,7 @@ def test_ddp_spawn_on_two_cpu_processes(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--model.lora_targets=[q_proj, qkv_proj]"], "LoRA targets ['qkv_proj'] match no linear layer"),
+        (["--model.lora.targets=[q_proj, qkv_proj]"], "LoRA targets ['qkv_proj'] match no linear layer"),
         (["--data.context_length=5"], "context_length=5 is shorter than one time step"),
         (["--data.simulate_if_missing=false"], "absent.h5: data file not found"),
     ],

@@ -1,0 +1,99 @@
+"""One script for a session with a GPU: the real Qwen2.5-0.5B architecture (random weights: the Hub is
+out of reach there, and speed does not depend on the values), bfloat16 base, LoRA rank 8 on q/v.
+
+    python benchmarks/gpu.py            # about 2 minutes on one H100-class GPU
+
+Measures, at context 768 and batch 4: training step time (median), peak memory and model-FLOP
+utilisation (exact-accounting FLOPs of the step / time / the chip's dense bf16 peak) for the full
+and the LLMTIME output head; generation tokens per second for 16 prompts of 50 steps; and the whole
+study's predicted wall time (the sweep and the final run, about 9e16 FLOPs) from the step rate.
+Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from lit_llmtime.callbacks import flop_model_for
+from lit_llmtime.config import QWEN2_5_0_5B_CONFIG, LoRAArgs
+from lit_llmtime.forecast import generate
+from lit_llmtime.grammar import LLMTimeGrammar
+from lit_llmtime.model import LLMTimeLoRA
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}  # dense, without sparsity
+STUDY_FLOPS = 9.2e16  # README, "Reproduce the report"
+
+
+def peak_flops() -> float:
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16.items() if k in name), float("nan"))
+
+
+def train(output_vocab: str, steps: int) -> dict:
+    torch.manual_seed(0)
+    module = LLMTimeLoRA(
+        model_config=QWEN2_5_0_5B_CONFIG, torch_dtype="bfloat16", lora=LoRAArgs(rank=8), output_vocab=output_vocab
+    ).cuda()
+    module.log = lambda *args, **kwargs: None
+    alphabet = torch.tensor([*range(15, 25), 13, 11, 26], device="cuda")  # digits . , ; as Qwen2.5 token ids
+    ids = alphabet[torch.randint(0, len(alphabet), (4, 768), device="cuda")]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for step in range(steps + 5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        module.training_step(batch, step).backward()
+        optimizer.step()
+        torch.cuda.synchronize()
+        if step >= 5:  # warm-up
+            times.append(time.perf_counter() - start)
+    step_flops = flop_model_for(module).train_step(4, 768)
+    median = statistics.median(times)
+    return {
+        "median_s": median,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "flops": step_flops,
+        "mfu": step_flops / median / peak_flops(),
+        "module": module,
+    }
+
+
+@torch.no_grad()
+def tokens_per_second(module: LLMTimeLoRA, prompts: int = 16, steps: int = 50) -> float:
+    ids = torch.randint(15, 25, (prompts, 500), device="cuda")
+    ids[:, 4::5] = 26  # a ';' now and then, as in LLMTIME text
+    grammar = LLMTimeGrammar(module.tokenizer, prompts, steps, device="cuda")
+    generation = generate(module.model.eval(), ids, torch.ones_like(ids), grammar, steps * grammar.max_step_tokens)
+    torch.cuda.synchronize()
+    return generation.tokens_per_second
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    full, small = train("full", args.steps), train("llmtime", args.steps)
+    speed = tokens_per_second(small["module"])
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; context 768, batch 4, bf16 base, LoRA rank 8\n")
+    print("| measure | full head | llmtime head |")
+    print("|---|---:|---:|")
+    step_ms = f"{full['median_s'] * 1e3:.1f} ms | {small['median_s'] * 1e3:.1f} ms"
+    print(f"| training step (median of {args.steps}) | {step_ms} |")
+    print(f"| peak memory | {full['peak_gib']:.1f} GiB | {small['peak_gib']:.1f} GiB |")
+    print(f"| FLOPs per step (exact) | {full['flops']:.3e} | {small['flops']:.3e} |")
+    print(f"| model-FLOP utilisation | {100 * full['mfu']:.1f}% | {100 * small['mfu']:.1f}% |")
+    rate = full["flops"] / full["median_s"]
+    print(f"\nGeneration: {speed:.0f} tokens/s (16 prompts of 500 tokens, 50 steps, grammar, KV cache).")
+    print(f"The whole study ({STUDY_FLOPS:.1e} FLOPs of training at {rate / 1e12:.0f} TFLOP/s): "
+          f"{STUDY_FLOPS / rate / 60:.1f} minutes.")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""A run: the LightningCLI that ``fit``/``validate``/``test``/``predict`` use, and the resolved
+configuration of a run (YAML + command-line overrides + defaults) through that same parser."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from jsonargparse import Namespace, lazy_instance
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_llmtime.callbacks import FlopBudget, ForecastWriter
+from lit_llmtime.data import LotkaVolterraDataModule
+from lit_llmtime.io import AtomicCheckpointIO
+from lit_llmtime.ledger import Budget, BudgetExhausted
+from lit_llmtime.model import LLMTimeLoRA
+from lit_llmtime.plan import step_flops
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+CHECKPOINT_ROOT = Path("checkpoints")
+TRAINER_DEFAULTS = {
+    "logger": lazy_instance(TensorBoardLogger, save_dir="lightning_logs", name="llmtime", default_hp_metric=False),
+}
+ENCODING_FIELDS = ("decimals", "scale_from", "prompt_steps")
+
+
+def newest_checkpoint(name: str, missing_ok: bool = False) -> Path | None:
+    """``checkpoints/<name>/version_<newest>/last.ckpt``: what ``--ckpt_path last`` means."""
+    found = sorted(
+        CHECKPOINT_ROOT.glob(f"{name}/version_*/last.ckpt"), key=lambda p: int(p.parent.name.removeprefix("version_"))
+    )
+    if not found and not missing_ok:
+        raise FileNotFoundError(f"--ckpt_path last: no {CHECKPOINT_ROOT}/{name}/version_*/last.ckpt (run fit first)")
+    return found[-1] if found else None
+
+
+def logger_name(config: Namespace) -> str:
+    """The TensorBoard run name of a parsed config (where its checkpoints go)."""
+    logger = config.trainer.logger
+    if isinstance(logger, Namespace):
+        return logger.init_args.get("name") or "lightning_logs"
+    return getattr(logger, "name", None) or "llmtime"
+
+
+class LitLLMTimeCLI(LightningCLI):
+    """LightningCLI whose data module owns the tokenizer and the text encoding, and drives the model's."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.tokenizer", "model.tokenizer")
+        for name in ENCODING_FIELDS:
+            parser.link_arguments(f"data.encoding.{name}", f"model.encoding.{name}")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.save_last": True})
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(FlopBudget, "flop_budget")
+        parser.add_lightning_class_args(ForecastWriter, "forecast_writer")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then turn ``--ckpt_path last`` into the newest checkpoint of the run name, before
+        LightningCLI reads that checkpoint's hyperparameters (LoRA rank, output head, ...)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        if config is None or config.get("ckpt_path") != "last":
+            return
+        found = newest_checkpoint(logger_name(config), missing_ok=subcommand == "fit")
+        if subcommand == "fit":  # resume the newest run of this name, if any
+            rank_zero_info(
+                f"--ckpt_path last: resuming {found}" if found else "--ckpt_path last: none yet, fresh start"
+            )
+        config.ckpt_path = None if found is None else str(found)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        if self.subcommand != "fit" and config.ckpt_path:
+            adopt_checkpoint(config)
+        if self.subcommand == "fit" and config.flop_budget.ledger:
+            refuse_unaffordable(config)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """Lightning's trainer, saving checkpoints atomically (a kill while saving leaves the previous one)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def before_fit(self) -> None:
+        """Checkpoints go to ``checkpoints/<logger name>/version_<n>``, next to the TensorBoard run's name."""
+        callback, logger = self.trainer.checkpoint_callback, self.trainer.logger
+        if callback is not None and callback.dirpath is None and logger is not None:
+            callback.dirpath = str(CHECKPOINT_ROOT / logger.name / f"version_{logger.version}")
+
+
+def adopt_checkpoint(config: Namespace) -> None:
+    """Evaluate a checkpoint on text written as it was trained on: the checkpoint's encoding
+    replaces the config's."""
+    if not Path(config.ckpt_path).is_file():
+        raise FileNotFoundError(f"{config.ckpt_path}: checkpoint not found")
+    trained = torch.load(config.ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    encoding = trained.get("encoding")
+    if not encoding:
+        return
+    for name in ENCODING_FIELDS:
+        if name in encoding and config.data.encoding[name] != encoding[name]:
+            rank_zero_info(
+                f"{config.ckpt_path}: trained with encoding.{name}={encoding[name]!r}; using it instead of "
+                f"{config.data.encoding[name]!r}"
+            )
+            config.data.encoding[name] = config.model.encoding[name] = encoding[name]
+
+
+def refuse_unaffordable(config: Namespace) -> None:
+    """Refuse a fit that cannot afford even one step, before the data or the model are loaded."""
+    budget = Budget(config.flop_budget.ledger, config.flop_budget.budget)
+    step = step_flops(config)
+    if not budget.allow(step):
+        raise BudgetExhausted(
+            f"FLOP budget exhausted: ledger {config.flop_budget.ledger} has spent {budget.spent():.4e} of "
+            f"{budget.budget:.4e} FLOPs ({budget.available():.4e} left) and one training step of this run "
+            f"costs {step:.4e}"
+        )
+
+
+def lightning_cli(args: list[str] | None = None, cli_class: type[LightningCLI] = LitLLMTimeCLI) -> LightningCLI:
+    """Run ``fit``/``validate``/``test``/``predict`` with ``args`` (a YAML via ``--config``)."""
+    return cli_class(
+        LLMTimeLoRA,
+        LotkaVolterraDataModule,
+        args=args,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "lit-llmtime"},
+    )
+
+
+class _Resolved(Exception):
+    """Carries a parsed configuration out of LightningCLI before anything is instantiated."""
+
+    def __init__(self, config: Namespace) -> None:
+        self.config = config
+
+
+class _ResolveOnly(LitLLMTimeCLI):
+    def _set_seed(self) -> None:  # resolving must not seed this process's random generators
+        pass
+
+    def before_instantiate_classes(self) -> None:
+        raise _Resolved(self.config[self.subcommand])
+
+
+def resolve_run(args: list[str]) -> Namespace:
+    """The resolved configuration of a run, e.g. ``["fit", "--config", "x.yaml", "--model.lora.rank=16"]``:
+    exactly what that command would run with, parsed by the same parser, with nothing loaded."""
+    try:
+        with warnings.catch_warnings():  # LightningCLI warns when args differ from sys.argv: here they must
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            lightning_cli(list(args), cli_class=_ResolveOnly)
+    except _Resolved as resolved:
+        return resolved.config
+    raise AssertionError("LightningCLI returned without reaching instantiation")
+
+
+# Settings that name or display a run without changing what it computes.
+NOT_IDENTITY = (
+    "config",
+    "ckpt_path",
+    "trainer.logger",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "flop_budget.run_name",
+    "forecast_writer",
+    "checkpoint.dirpath",
+    "data.num_workers",
+)
+
+
+def run_identity(config: Namespace) -> dict[str, Any]:
+    """What a run computes: its resolved configuration without names and display settings, so two
+    runs with equal identities train the same model."""
+    flat = config.clone()
+    for key in NOT_IDENTITY:
+        if key in flat:
+            del flat[key]
+    identity = {key: str(value) for key, value in sorted(flat.items())}
+    if config.get("seed_everything") is True:  # a fresh random seed each time: no two runs are the same
+        identity["seed_everything"] = f"random {id(config)}"
+    return identity

@@ -1,0 +1,234 @@
+"""The FLOP budget as a hard gate: crashes (kill -9, SIGTERM), concurrent runs, DDP through the real
+entry point, the clean stop, refusing validate and shrinking predict, and the ledger's durability."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lit_llmtime.cli import main
+from lit_llmtime.flops import FlopModel
+from lit_llmtime.io import UMASK, AtomicCheckpointIO, write_text_atomic
+from lit_llmtime.ledger import Budget, Ledger
+from lit_llmtime.simulate import simulate, write_h5
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+TINY = dict(
+    vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    num_key_value_heads=1, tie_word_embeddings=True,
+)  # fmt: skip
+CONTEXT, BATCH = 32, 2
+LEDGER = "ledger.jsonl"
+STEP = 3 * BATCH * FlopModel(TINY, lora_rank=8).forward(CONTEXT)  # one training batch of the tiny run
+FORWARD = BATCH * FlopModel(TINY, lora_rank=8).forward(CONTEXT)  # one validation batch
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    """``lit-llmtime`` arguments of a tiny fit in a scratch folder: 16-wide model, 40 trajectories,
+    context 32, no validation unless asked, a checkpoint every step."""
+    monkeypatch.chdir(tmp_path)
+    write_h5("lv.h5", *simulate(n=40, seed=3))
+    config = yaml.safe_load((CONFIGS / "quickstart.yaml").read_text())
+    config["model"]["model_config"] = TINY
+    config["data"].update(
+        data_path="lv.h5", simulate_if_missing=False, val_size=6, test_size=4, context_length=CONTEXT, batch_size=BATCH,
+        predict_indices=[34, 35, 36, 37, 38],
+    )  # fmt: skip
+    config["trainer"].update(
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        val_check_interval=None, log_every_n_steps=1,
+    )  # fmt: skip
+    config["checkpoint"] = {"every_n_train_steps": 1, "save_last": True, "save_top_k": 0, "monitor": None}
+    config["flop_budget"] = {"ledger": LEDGER}
+    Path("tiny.yaml").write_text(yaml.safe_dump(config))
+    return ["--config", "tiny.yaml"]
+
+
+def spawn(args: list[str]) -> subprocess.Popen:
+    """``lit-llmtime`` as a separate process (its own process group, so it can be killed whole)."""
+    command = [str(Path(sys.executable).with_name("lit-llmtime")), *args]
+    return subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_for_steps(steps: int, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while sum(r["steps"] for r in Ledger(LEDGER).records()) < steps:
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "the run never got that far"
+        time.sleep(0.02)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    return torch.load(path, weights_only=False)["global_step"]
+
+
+def test_kill_9_loses_no_paid_step_and_resume_continues_the_record(run):
+    process = spawn(["fit", *run, "--trainer.max_steps=60"])
+    wait_for_steps(8, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    (record,) = Ledger(LEDGER).records()
+    saved = checkpoint_step(next(Path("checkpoints").rglob("last.ckpt")))
+    charged = record["steps"]
+    assert saved <= charged <= saved + 1  # charged before computing, checkpointed after: within one step
+    assert record["flops"] == pytest.approx(charged * STEP, rel=1e-12)
+
+    main(["fit", *run, "--trainer.max_steps=60", "--ckpt_path=last"])
+    (resumed,) = Ledger(LEDGER).records()  # the same record, continued
+    recomputed = charged - saved  # the step that was paid for but not checkpointed ran twice
+    assert resumed["run_id"] == record["run_id"] and resumed["steps"] == 60 + recomputed
+    assert resumed["flops"] == pytest.approx((60 + recomputed) * STEP, rel=1e-12)  # an uninterrupted run: 60
+    assert resumed["status"] == "finished"
+
+
+def test_two_processes_on_one_ledger_never_pass_the_budget(run):
+    k = 12
+    budget = [f"--flop_budget.budget={k * STEP * (1 + 1e-9)}", "--trainer.max_steps=100"]
+    first = spawn(["fit", *run, *budget, "--trainer.logger.init_args.name=first"])
+    second = spawn(["fit", *run, *budget, "--trainer.logger.init_args.name=second"])
+    assert first.wait(timeout=300) == 0 and second.wait(timeout=300) == 0
+    records = Ledger(LEDGER).records()
+    assert sorted(r["name"] for r in records) == ["first", "second"]
+    assert sum(r["steps"] for r in records) == k  # together exactly the k steps the budget pays for
+    assert Ledger(LEDGER).total() <= k * STEP * (1 + 1e-9)
+    assert all(r["status"].startswith("stopped: budget") for r in records)
+    for line in Path(LEDGER).read_text().splitlines():  # every line whole
+        json.loads(line)
+
+
+def _charge_units(path: str, budget: float, attempts: int, results) -> None:
+    ledger_budget = Budget(path, budget)
+    results.put(sum(ledger_budget.charge(f"worker-{os.getpid()}", 1.0, "train", steps=1) for _ in range(attempts)))
+
+
+def test_concurrent_charges_stop_exactly_at_the_budget(tmp_path):
+    path, results = str(tmp_path / LEDGER), multiprocessing.get_context("spawn").Queue()
+    workers = [
+        multiprocessing.get_context("spawn").Process(target=_charge_units, args=(path, 50.0, 40, results))
+        for _ in range(4)
+    ]
+    for worker in workers:
+        worker.start()
+    granted = sum(results.get(timeout=60) for _ in workers)
+    for worker in workers:
+        worker.join()
+    assert granted == 50 and Ledger(path).total() == 50.0  # 160 asked, 50 granted, none lost
+
+
+def test_reservations_of_dead_processes_are_reclaimed(tmp_path):
+    path = tmp_path / LEDGER
+    reserve = "from lit_llmtime.ledger import Budget; assert Budget({path!r}, 100.0).reserve({name!r}, 60.0)"
+    subprocess.run([sys.executable, "-c", reserve.format(path=str(path), name="gone")], check=True)  # dies holding 60
+    budget = Budget(path, 100.0)
+    assert budget.available() == 100.0  # its reservation went with it
+    alive = subprocess.Popen(
+        [sys.executable, "-c", reserve.format(path=str(path), name="alive") + "; print(1, flush=True); import time; "
+         "time.sleep(60)"], stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert alive.stdout.readline().strip() == b"1"  # it holds 60 now
+        assert budget.available() == 40.0 and not budget.reserve("mine", 70.0)
+        assert budget.reserve("mine", 30.0) and budget.available() == 40.0  # our own reservation is ours to spend
+        assert not budget.charge("mine", 50.0, "train") and budget.charge("mine", 35.0, "train")
+        assert budget.ledger.reserved_by_me() == 0.0  # the charge was paid out of it
+    finally:
+        alive.kill()
+        alive.wait()
+    assert budget.available() == 65.0  # the killed process's 60 are free again
+
+
+def test_budget_stop_checkpoints_and_validates_the_last_step(run):
+    # validation of 2 batches every 3 steps, after a 2-batch sanity check; one pass stays reserved
+    budget = 2 * FORWARD + 7 * STEP + 2 * 2 * FORWARD + 2 * FORWARD
+    main(["fit", *run, "--trainer.max_steps=100", "--trainer.limit_val_batches=2", "--trainer.val_check_interval=3",
+          "--trainer.num_sanity_val_steps=2", f"--flop_budget.budget={budget * (1 + 1e-9)}"])  # fmt: skip
+    (record,) = Ledger(LEDGER).records()
+    assert record["steps"] == 7 and record["status"].startswith("stopped: budget (stopped after step 7")
+    assert record["flops"] == pytest.approx(budget, rel=1e-12) and record["flops"] <= budget * (1 + 1e-9)
+    assert checkpoint_step(next(Path("checkpoints").rglob("last.ckpt"))) == 7
+    events = EventAccumulator(record["log_dir"])
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/loss")] == [2, 5, 6]  # every 3 steps, then the last step
+    assert record["val_loss"] == pytest.approx(events.Scalars("val/loss")[-1].value)
+
+
+def test_validate_refuses_and_predict_shrinks_when_the_ledger_is_full(run, capsys):
+    main(["fit", *run, "--trainer.max_steps=2"])
+    spent = Ledger(LEDGER).total()
+    with pytest.raises(SystemExit) as refused:
+        main(
+            [
+                "validate",
+                *run,
+                "--ckpt_path=last",
+                "--trainer.limit_val_batches=2",
+                f"--flop_budget.budget={spent + FORWARD}",
+            ]
+        )
+    assert "FLOP budget: validate needs" in str(refused.value)
+    assert Ledger(LEDGER).total() == spent  # nothing ran, nothing charged
+
+    # predict 5 trajectories in batches of 2 (3 batches); the budget pays for 2 at their longest
+    bound = 2 * FlopModel(TINY, lora_rank=8).generation(prompt_length(run), 3 * 2 * 7, head_rows=14)
+    budget = spent + 2.2 * bound  # batches of 2, 2 and 1: the third does not fit
+    main(["predict", *run, "--ckpt_path=last", "--model.forecast.forecast_steps=3", "--data.predict_batch_size=2",
+          "--model.forecast.reference_forecasters=[persistence]", f"--flop_budget.budget={budget}"])  # fmt: skip
+    assert "Forecasts of 4 trajectories" in capsys.readouterr().out  # 2 batches of 2
+    (written,) = Path("lightning_logs").rglob("predictions.npz")
+    assert np.load(written)["index"].tolist() == [34, 35, 36, 37]
+    predict = next(r for r in Ledger(LEDGER).records() if r["stage"] == "predict")
+    assert predict["status"] == "shrunk: forecasting 2 of 3 batches (the budget pays for no more)"
+    assert spent < Ledger(LEDGER).total() <= budget
+
+
+def prompt_length(run) -> int:
+    """The longest prompt (tokens) of the run's predict set."""
+    from lit_llmtime.data import LotkaVolterraDataModule
+
+    config = yaml.safe_load(Path(run[1]).read_text())["data"]
+    data = LotkaVolterraDataModule(**config)
+    data.setup("predict")
+    return max(len(ids) for ids in data.datasets["predict"].token_ids)
+
+
+def test_sigterm_checkpoints_then_resume_continues(run):
+    process = spawn(["fit", *run, "--trainer.max_steps=60"])
+    wait_for_steps(6, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=60)
+    (record,) = Ledger(LEDGER).records()
+    saved = checkpoint_step(next(Path("checkpoints").rglob("last.ckpt")))
+    assert record["status"] == "stopped: SIGTERM" and saved == record["steps"]  # every paid step kept
+    main(["fit", *run, "--trainer.max_steps=60", "--ckpt_path=last"])
+    (resumed,) = Ledger(LEDGER).records()
+    assert resumed["steps"] == 60 and resumed["flops"] == pytest.approx(60 * STEP, rel=1e-12)
+
+
+def test_ddp_through_the_entry_point_charges_the_global_count_once(run):
+    process = spawn(["fit", *run, "--trainer.max_steps=3", "--trainer.devices=2", "--trainer.strategy=ddp",
+                     "--trainer.accelerator=cpu"])  # fmt: skip
+    assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-3000:]
+    (record,) = Ledger(LEDGER).records()
+    assert record["config"]["devices"] == 2 and record["steps"] == 3
+    assert record["flops"] == pytest.approx(3 * 2 * STEP, rel=1e-12)  # both ranks' batches, counted once
+
+
+def test_written_files_keep_normal_permissions(tmp_path):
+    text = write_text_atomic(tmp_path / "a.txt", "x")
+    AtomicCheckpointIO().save_checkpoint({"x": torch.ones(2)}, tmp_path / "c.ckpt")
+    for path in (text, tmp_path / "c.ckpt"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~UMASK
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
