@@ -37,14 +37,30 @@ class BudgetExhausted(ValueError):
     """Work was refused because the FLOP budget cannot pay for it."""
 
 
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, Linux), so a reused pid is told apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name before ")" may hold spaces
+
+
 def _process() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid()}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+
+
+def _key(event: dict[str, Any]) -> tuple:
+    return event["host"], int(event["pid"]), event.get("start")
 
 
 def _alive(reservation: dict[str, Any], now: float) -> bool:
-    """Whether the process holding ``reservation`` may still use it."""
+    """Whether the process holding ``reservation`` may still use it: on this machine, its pid runs
+    and started when it did; elsewhere, it renewed the reservation within ``STALE_AFTER``."""
     if reservation["host"] != socket.gethostname():
         return now - reservation["time"] < STALE_AFTER
+    if reservation.get("start") is not None and Path("/proc").is_dir():
+        return _start_time(reservation["pid"]) == reservation["start"]
     try:
         os.kill(reservation["pid"], 0)
     except ProcessLookupError:
@@ -61,7 +77,7 @@ class Ledger:
         self.path = None if path is None else Path(path)
         self._offset, self._lines = 0, 0  # bytes and lines of the file already folded into the state below
         self._records: dict[str, dict[str, Any]] = {}
-        self._reservations: dict[tuple[str, int], dict[str, Any]] = {}
+        self._reservations: dict[tuple, dict[str, Any]] = {}
 
     # -- reading -------------------------------------------------------------------------------
     def _refresh(self) -> None:
@@ -87,7 +103,7 @@ class Ledger:
                 record["flops"] += float(event["flops"])
                 record["steps"] += int(event.get("steps", 0))
             elif kind == "reserve":
-                self._reservations[(event["host"], int(event["pid"]))] = event
+                self._reservations[_key(event)] = event
             elif kind == "run":  # also an older ledger's whole record, whose flops and steps are totals
                 record.update({k: v for k, v in event.items() if k != "event"})
                 record["flops"] = float(record["flops"])
@@ -113,18 +129,15 @@ class Ledger:
     def reserved_by_others(self) -> float:
         """FLOPs that live other processes hold back."""
         self._refresh()
-        me, now = _process(), time.time()
+        me, now = _key(_process()), time.time()
         return sum(
-            r["flops"]
-            for key, r in self._reservations.items()
-            if key != (me["host"], me["pid"]) and r["flops"] > 0 and _alive(r, now)
+            r["flops"] for key, r in self._reservations.items() if key != me and r["flops"] > 0 and _alive(r, now)
         )
 
-    def reserved_by_me(self) -> float:
+    def my_reservation(self) -> dict[str, Any] | None:
+        """This process's reservation event, if it holds one."""
         self._refresh()
-        me = _process()
-        reservation = self._reservations.get((me["host"], me["pid"]))
-        return reservation["flops"] if reservation else 0.0
+        return self._reservations.get(_key(_process()))
 
     # -- writing -------------------------------------------------------------------------------
     @contextmanager
@@ -208,12 +221,13 @@ class Budget:
         record it durably and return True; else record nothing and return False. Without
         ``reserve`` the charge is paid out of this process's reservation first."""
         with self.ledger.locked():
-            held = self.ledger.reserved_by_me()
+            mine = self.ledger.my_reservation()
+            held = mine["flops"] if mine else 0.0
             keep = max(0.0, held - cost) if reserve is None else reserve
             if cost + keep > self.available():
                 return False
             events = [{"event": "charge", "run_id": run_id, "kind": kind, "flops": cost, "steps": steps}]
-            if keep != held:
+            if keep != held or (keep and time.time() - mine["time"] > STALE_AFTER / 4):  # renewed: still alive
                 events.append(self._reservation(run_id, keep))
             self.ledger.append(*events)
             return True
@@ -221,7 +235,8 @@ class Budget:
     def reserve(self, run_id: str, flops: float) -> bool:
         """Hold ``flops`` back for this process (0 releases); False (nothing changed) if they are not there."""
         with self.ledger.locked():
-            held = self.ledger.reserved_by_me()
+            mine = self.ledger.my_reservation()
+            held = mine["flops"] if mine else 0.0
             if flops > held and flops > self.available():  # giving back is always allowed
                 return False
             if flops != held:

@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -143,11 +144,17 @@ def test_reservations_of_dead_processes_are_reclaimed(tmp_path):
         assert budget.available() == 40.0 and not budget.reserve("mine", 70.0)
         assert budget.reserve("mine", 30.0) and budget.available() == 40.0  # our own reservation is ours to spend
         assert not budget.charge("mine", 50.0, "train") and budget.charge("mine", 35.0, "train")
-        assert budget.ledger.reserved_by_me() == 0.0  # the charge was paid out of it
+        assert budget.ledger.my_reservation()["flops"] == 0.0  # the charge was paid out of it
     finally:
         alive.kill()
         alive.wait()
     assert budget.available() == 65.0  # the killed process's 60 are free again
+    # a reservation by a pid that now belongs to another process (it started at another time) is dead too
+    ghost = {"event": "reserve", "run_id": "ghost", "flops": 50.0, "time": time.time(), "host": socket.gethostname(),
+             "pid": os.getpid(), "start": -1}  # fmt: skip
+    with budget.ledger.locked():
+        budget.ledger.append(ghost)
+    assert budget.available() == 65.0
 
 
 def test_budget_stop_checkpoints_and_validates_the_last_step(run):

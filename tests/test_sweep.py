@@ -41,7 +41,7 @@ def test_stage_runs_grid_and_inheritance(workdir):
     with pytest.raises(ValueError, match="inherits model.lora.rank from the best run, but no run has finished"):
         stage_runs(spec, spec["stages"][1], None)
     config = resolved(spec, context[2])
-    assert config.data.context_length == 512 and config.trainer.max_steps == 20
+    assert config.data.context_length == 512 and config.trainer.max_steps == 12
     assert config.model.model_config["hidden_size"] == 64  # the base config is kept
     assert config.model.lora.rank == 8 and config.model.optim.learning_rate == 0.02
 
