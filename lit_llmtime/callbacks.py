@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,23 @@ from lit_llmtime.flops import Accounting, FlopModel
 from lit_llmtime.forecast import GenerationShape
 from lit_llmtime.ledger import DEFAULT_LEDGER, Budget, BudgetExhausted
 from lit_llmtime.plan import batch_sizes, limit_batches
+
+
+def all_reduce_sum(trainer: L.Trainer, values: list[float]) -> list[float]:
+    """``values`` summed over all ranks, in float64.
+
+    On CPU (gloo) it waits until the process group's worker thread has let go of the tensor: since
+    torch 2.x that thread takes the GIL to drop a Python tensor, and a process that starts to exit
+    first is aborted ("terminate called without an active exception"), one DDP exit in five in
+    tests. The worker's hold shows in the tensor's Python reference count.
+    """
+    tensor = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
+    references = sys.getrefcount(tensor)
+    summed = trainer.strategy.reduce(tensor, reduce_op="sum").tolist()
+    deadline = time.monotonic() + 1.0
+    while tensor.device.type == "cpu" and sys.getrefcount(tensor) > references and time.monotonic() < deadline:
+        time.sleep(0)  # hands the GIL to the worker
+    return summed
 
 
 def flop_model_for(module: L.LightningModule, accounting: Accounting = "exact") -> FlopModel:
@@ -99,24 +117,22 @@ class FlopBudget(L.Callback):
 
     # -- the gate ------------------------------------------------------------------------------
     def _global_sum(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> float:
-        if trainer.world_size == 1:
-            return value
-        tensor = torch.tensor(value, dtype=torch.float64, device=pl_module.device)
-        return float(trainer.strategy.reduce(tensor, reduce_op="sum"))
+        return value if trainer.world_size == 1 else all_reduce_sum(trainer, [value])[0]
 
-    def _rank_zero(self, trainer: L.Trainer, decide) -> Any:
-        """``decide()`` on rank 0 (the only one that touches the ledger), its answer on every rank;
-        if it fails (an unreadable ledger, a full disk), every rank raises, none waits forever."""
-        answer, error = None, None
+    def _rank_zero(self, trainer: L.Trainer, decide) -> float:
+        """``decide()`` (a number or a truth value) on rank 0, the only rank that touches the ledger;
+        its answer on every rank. If it fails (an unreadable ledger, a full disk), every rank
+        raises: none waits forever. One all-reduce of two numbers, as cheap as a collective gets."""
+        answer, error = 0.0, None
         if trainer.is_global_zero:
             try:
-                answer = decide()
+                answer = float(decide() or 0.0)
             except (OSError, ValueError) as failure:
                 error = failure
         if trainer.world_size > 1:
-            answer, message = trainer.strategy.broadcast((answer, None if error is None else str(error)), src=0)
-            if message is not None and error is None:
-                error = RuntimeError(f"rank 0: {message}")
+            answer, failed = all_reduce_sum(trainer, [answer, float(error is not None)])  # others add zeros
+            if failed and error is None:
+                error = RuntimeError("FlopBudget: rank 0 could not use the ledger (its error says why)")
         if error is not None:
             raise error
         return answer
@@ -271,7 +287,7 @@ class FlopBudget(L.Callback):
             bounds = [trainer.world_size * max(bounds)] * batches
         bounds = bounds[: limit_batches(len(bounds), trainer.limit_predict_batches)]  # what the user asked for
         costs = list(itertools.accumulate(bounds))
-        affordable = self._rank_zero(trainer, lambda: sum(cost <= self.authority.available() for cost in costs))
+        affordable = int(self._rank_zero(trainer, lambda: sum(cost <= self.authority.available() for cost in costs)))
         charge = costs[affordable - 1] if affordable else 0.0
         if affordable == 0 or not self._charge(trainer, charge, "generate"):
             self._refuse(trainer, f"predict needs {bounds[0]:.3e} FLOPs for its first batch; "
