@@ -195,6 +195,9 @@ class FlopBudget(L.Callback):
 
     def _stop(self, trainer: L.Trainer, what: str) -> None:
         self.stopped_for_budget = True
+        if not trainer.fit_loop._can_stop_early:  # a spent budget outranks min_steps and min_epochs
+            what += f" (before min_steps={trainer.fit_loop.min_steps}, min_epochs={trainer.fit_loop.min_epochs})"
+            trainer.fit_loop.min_epochs, trainer.fit_loop.epoch_loop.min_steps = None, None
         available = self._rank_zero(trainer, self.authority.available)
         self.cut = f"{what}; {available:.3e} left beside the validation reserve of {self.val_reserve:.3e}"
         rank_zero_info(f"FlopBudget: {self.cut}")

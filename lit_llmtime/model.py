@@ -145,8 +145,10 @@ class LLMTimeLoRA(L.LightningModule):
         return hidden.reshape(-1, hidden.size(-1)), batch["labels"][:, 1:].reshape(-1)
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> int | None:
-        """Skip the batch when a callback (the FLOP budget) asked to stop before it."""
-        return -1 if self.trainer.should_stop else None
+        """Skip the batch when a callback (the FLOP budget) stopped training before it. A stop that
+        Lightning defers (EarlyStopping before min_steps or min_epochs) trains on: skipping there
+        would end every epoch empty, for ever."""
+        return -1 if self.trainer.should_stop and self.trainer.fit_loop._can_stop_early else None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Mean next-token cross-entropy over labelled tokens, the output layer applied in chunks."""

@@ -39,10 +39,10 @@ def step_cost(model, devices=1):
     return devices * flop_model_for(model).train_step(BATCH, CONTEXT)
 
 
-def trainer(tmp_path, budget_callback, max_steps=100, **kwargs):
+def trainer(tmp_path, budget_callback, max_steps=100, more_callbacks=(), **kwargs):
     kwargs = {"devices": 1, "limit_val_batches": 0, "enable_checkpointing": False, "logger": False} | kwargs
     return L.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", max_steps=max_steps, callbacks=[budget_callback],
+        default_root_dir=tmp_path, accelerator="cpu", max_steps=max_steps, callbacks=[budget_callback, *more_callbacks],
         enable_progress_bar=False, enable_model_summary=False, **kwargs,
     )  # fmt: skip
 
@@ -165,3 +165,31 @@ def test_flops_command_predicts_the_report_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "6000 training steps   6.2243e+16  (62.2434% of the budget" in out  # the report: 6.23e16, 62.25%
     assert "validation and epoch ends not predicted" in out  # no data file here
+
+
+@pytest.mark.timeout(60)  # the failure was an endless loop of empty epochs
+def test_a_spent_budget_overrides_min_steps(tmp_path, small_h5):
+    model, data = make(small_h5)
+    budget = FlopBudget(budget=3 * step_cost(model), ledger=str(tmp_path / "l.jsonl"))
+    fit = trainer(tmp_path, budget, min_steps=10)
+    fit.fit(model, data)
+    assert fit.global_step == 3 and budget.stopped_for_budget
+    assert Ledger(tmp_path / "l.jsonl").records()[0]["flops"] == 3 * step_cost(model)
+
+
+class StopAtStep(L.Callback):
+    """What EarlyStopping does: asks to stop, which Lightning defers until min_steps."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= 2:
+            trainer.should_stop = True
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_request_before_min_steps_trains_on(tmp_path, small_h5):
+    model, data = make(small_h5)
+    budget = FlopBudget(budget=1e30, ledger=str(tmp_path / "l.jsonl"))
+    fit = trainer(tmp_path, budget, min_steps=5, limit_train_batches=4, more_callbacks=[StopAtStep()])
+    fit.fit(model, data)
+    assert fit.global_step == 5 and not budget.stopped_for_budget
+    assert Ledger(tmp_path / "l.jsonl").records()[0]["steps"] == 5
