@@ -100,7 +100,7 @@ def test_untrained_validation_loss(module, data_path):
     assert metrics["val/loss"] < 2.5  # a random model starts near ln(151936) = 11.9
 
 
-@pytest.mark.parametrize("scale_from", ["trajectory", "prompt"])
+@pytest.mark.parametrize("scale_from", ["trajectory", "prompt", "dataset"])
 def test_zero_shot_forecasts_parse_and_compare(module, data_path, scale_from):
     summary = forecast(module, datamodule(data_path, scale_from), f"zero-shot, scale_from={scale_from}")
     assert summary["model"]["mean"]["valid_share"] == 1.0
