@@ -18,7 +18,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_llmtime.evaluation import load_npz, merge_predictions, save_npz, summary_lines, write_forecast_outputs
 from lit_llmtime.flops import Accounting, FlopModel
-from lit_llmtime.forecast import GenerationShape
 from lit_llmtime.ledger import DEFAULT_LEDGER, Budget, BudgetExhausted
 from lit_llmtime.plan import batch_sizes, limit_batches
 
@@ -116,7 +115,7 @@ class FlopBudget(L.Callback):
             self.run_id, self._started = state_dict["run_id"], state_dict.get("started", self._started)
 
     # -- the gate ------------------------------------------------------------------------------
-    def _global_sum(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> float:
+    def _global_sum(self, trainer: L.Trainer, value: float) -> float:
         return value if trainer.world_size == 1 else all_reduce_sum(trainer, [value])[0]
 
     def _rank_zero(self, trainer: L.Trainer, decide) -> float:
@@ -158,7 +157,7 @@ class FlopBudget(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        cost = self._global_sum(trainer, pl_module, self.flop_model.train_step(*batch["input_ids"].shape))
+        cost = self._global_sum(trainer, self.flop_model.train_step(*batch["input_ids"].shape))
         self._step_cost = cost
         self._completes_step = self._step_ends_at(trainer, batch_idx)
         if self._charge(trainer, cost, "train", int(self._completes_step), reserve=self.val_reserve):
@@ -249,7 +248,7 @@ class FlopBudget(L.Callback):
         self._reserve_pass(trainer, trainer.test_dataloaders)
 
     def _charge_forward(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
-        cost = self._global_sum(trainer, pl_module, self.flop_model.batch_forward(*batch["input_ids"].shape))
+        cost = self._global_sum(trainer, self.flop_model.batch_forward(*batch["input_ids"].shape))
         if not self._charge(trainer, cost, self._stage if self._stage != "fit" else "validate"):
             self._refuse(trainer, f"a {self._stage} batch costs {cost:.3e} FLOPs beyond what is left")
         self.run_flops += cost
@@ -274,17 +273,13 @@ class FlopBudget(L.Callback):
     on_test_end = on_validation_end
 
     # -- prediction ----------------------------------------------------------------------------
-    def _generation_cost(self, shape: GenerationShape, new_tokens: int | None = None) -> float:
-        tokens = shape.max_new_tokens if new_tokens is None else new_tokens
-        return shape.rows * self.flop_model.generation(shape.prompt_tokens, tokens, head_rows=shape.head_rows)
-
     def _shrink_predict(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Forecast only as many batches as the budget can pay for, charged at their longest before
         any runs (ranks may hold different numbers of batches, so nothing is settled per batch).
         On one device each batch is charged its own bound; on several, every global batch is
         charged as if each rank held the costliest batch."""
         loader = trainer.datamodule.predict_dataloader()
-        bounds = [self._generation_cost(pl_module.generation_shape(batch)) for batch in loader]
+        bounds = [pl_module.generation_shape(batch).flops(self.flop_model) for batch in loader]
         if trainer.world_size > 1:
             batches = math.ceil(math.ceil(len(loader.dataset) / trainer.world_size) / loader.batch_size)
             bounds = [trainer.world_size * max(bounds)] * batches
@@ -308,12 +303,12 @@ class FlopBudget(L.Callback):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         """What the generation cost goes into the outputs (``flops``), for the forecast files."""
         shape = pl_module.generation_shape(batch)
-        outputs["flops"] = self._generation_cost(shape, outputs["generation"].tokens.shape[1])
+        outputs["flops"] = shape.flops(self.flop_model, outputs["generation"].tokens.shape[1])
         self._generated += outputs["flops"]
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refund what the generation did not use."""
-        spent = self._global_sum(trainer, pl_module, self._generated)
+        spent = self._global_sum(trainer, self._generated)
         self._rank_zero(
             trainer, lambda: self.authority.refund(self.run_id, self._charged_for_predict - spent, "generate")
         )

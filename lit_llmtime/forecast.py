@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, StaticCache
 
 from lit_llmtime.config import REFERENCE_FORECASTERS, ForecastArgs
+from lit_llmtime.flops import FlopModel
 from lit_llmtime.grammar import LLMTimeGrammar
 from lit_llmtime.llmtime import decode
 from lit_llmtime.simulate import integrate
@@ -33,6 +34,11 @@ class GenerationShape:
     prompt_tokens: int  # padded prompt length
     max_new_tokens: int
     head_rows: int | None  # output-matrix rows computed per new token (None: the whole vocabulary)
+
+    def flops(self, flop_model: FlopModel, new_tokens: int | None = None) -> float:
+        """FLOPs of this generation: at most, or with ``new_tokens`` tokens written per row."""
+        tokens = self.max_new_tokens if new_tokens is None else new_tokens
+        return self.rows * flop_model.generation(self.prompt_tokens, tokens, head_rows=self.head_rows)
 
 
 def batch_grammar(tokenizer, batch: dict, forecast: ForecastArgs, decimals: int) -> LLMTimeGrammar:
@@ -98,18 +104,12 @@ def _choose(scores: torch.Tensor, temperature: float, top_p: float, sample: bool
 
 @torch.no_grad()
 def next_token_logits(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    columns: torch.Tensor | None = None,
-    cache: DynamicCache | None = None,
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, columns: torch.Tensor | None = None
 ) -> torch.Tensor:
     """float32 logits (rows, vocab or columns) for the token after left-padded ``input_ids``: the
-    prefill of ``generate``, on the model exactly as validation runs it."""
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    # the cache is the 4th positional argument (named past_key_values or cache across transformers versions)
-    hidden = model.get_decoder()(input_ids, attention_mask, positions, cache, use_cache=cache is not None)
-    return _head_logits(model.get_output_embeddings(), hidden.last_hidden_state[:, -1], columns)
+    prefill of ``generate`` itself, so a test can hold it against validation's logits."""
+    decoder = _Decoder(model, input_ids, attention_mask, max_new_tokens=0, static=False, compile=False)
+    return _head_logits(model.get_output_embeddings(), decoder.prefill(), columns)
 
 
 class _Decoder:

@@ -24,7 +24,8 @@ from transformers import (
     Qwen2Tokenizer,
 )
 
-LLMTIME_ALPHABET = "0123456789.,;-"
+from lit_llmtime.llmtime import ALPHABET
+
 ARCHITECTURE = "qwen2"
 
 # GGUF metadata value types: fixed-size scalars (struct formats), and the two variable-size ones.
@@ -171,7 +172,7 @@ def check_tokenizer_agrees(path: str | Path, tokenizer: PreTrainedTokenizerBase)
     and to the eos token, so the model's embedding rows mean what our encoded text expects."""
     stored = gguf_tokenizer(path)
     disagreements = []
-    for char in LLMTIME_ALPHABET:
+    for char in ALPHABET:
         expected = tokenizer.encode(char, add_special_tokens=False)
         found = stored.encode(char, add_special_tokens=False)
         if expected != found:

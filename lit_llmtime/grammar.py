@@ -43,7 +43,7 @@ class LLMTimeGrammar:
                 raise ValueError(f"{name} must be >= {limits[name]}, got {value}")
         self.mode, self.steps = mode, steps
         self.chars = [*DIGITS, ".", ",", ";", *("-" if allow_negative else ""), EOS]
-        self.token_ids = torch.tensor(_single_token_ids(tokenizer, self.chars), device=device)
+        self.token_ids = torch.tensor(single_token_ids(tokenizer, self.chars), device=device)
         k = len(self.chars)
         # vocab id -> column of token_ids; anything else (also ids past the tokenizer) -> column k, "other"
         self.column = torch.full((max(len(tokenizer), int(self.token_ids.max()) + 1) + 1,), k, device=device)
@@ -113,7 +113,7 @@ class LLMTimeGrammar:
         return self.state >= self.done
 
 
-def _single_token_ids(tokenizer, chars: list[str]) -> list[int]:
+def single_token_ids(tokenizer, chars: list[str]) -> list[int]:
     """Vocab ids of ``chars`` (EOS last), or ValueError if a character is not exactly one token."""
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token_id; the grammar needs one to end a forecast")

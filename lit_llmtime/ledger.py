@@ -16,6 +16,7 @@ exclusive lock:
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -46,8 +47,14 @@ def _start_time(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name before ")" may hold spaces
 
 
+@functools.cache
+def _process_by_pid(pid: int) -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": pid, "start": _start_time(pid)}
+
+
 def _process() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+    """This process, as its reservations name it (read once per process: every charge asks)."""
+    return _process_by_pid(os.getpid())
 
 
 def _key(event: dict[str, Any]) -> tuple:

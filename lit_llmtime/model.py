@@ -27,7 +27,7 @@ from lit_llmtime.forecast import (
     reference_forecast,
 )
 from lit_llmtime.gguf import check_tokenizer_agrees, is_gguf, load_gguf_model
-from lit_llmtime.grammar import LLMTimeGrammar
+from lit_llmtime.grammar import EOS, LLMTimeGrammar, single_token_ids
 from lit_llmtime.llmtime import ALPHABET
 from lit_llmtime.lora import apply_lora, count_trainable, trainable_state_dict
 from lit_llmtime.loss import evaluation_losses, linear_cross_entropy, row_targets
@@ -60,12 +60,7 @@ def build_base_model(
 
 def llmtime_head_rows(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """Output rows of the LLMTIME characters and end-of-text: all a forecast (or its loss) needs."""
-    ids = [tokenizer(char, add_special_tokens=False)["input_ids"] for char in ALPHABET]
-    if any(len(i) != 1 for i in ids):
-        raise ValueError(
-            f"tokenizer splits an LLMTIME character into several tokens: {dict(zip(ALPHABET, ids, strict=True))}"
-        )
-    return torch.tensor([i[0] for i in ids] + [tokenizer.eos_token_id])
+    return torch.tensor(single_token_ids(tokenizer, [*ALPHABET, EOS]))
 
 
 class LLMTimeLoRA(L.LightningModule):
@@ -241,11 +236,12 @@ class LLMTimeLoRA(L.LightningModule):
         time = batch["time"].cpu().numpy()
         show = self.trainer.progress_bar_callback is not None and self.trainer.is_global_zero
         progress = StepProgress(horizon, f"forecast batch {batch_idx}") if show else None
+        grammar, compiled = self.grammar(batch), self.compiled_generation()
         try:
             generation = generate(
-                self.model, batch["input_ids"], batch["attention_mask"], self.grammar(batch),
-                self.generation_shape(batch).max_new_tokens, self.forecast.num_samples, self.forecast.temperature,
-                self.forecast.top_p, progress=progress, compile=self.compiled_generation(),
+                self.model, batch["input_ids"], batch["attention_mask"], grammar,
+                generation_shape(batch["input_ids"], grammar, compiled).max_new_tokens, self.forecast.num_samples,
+                self.forecast.temperature, self.forecast.top_p, progress=progress, compile=compiled,
             )  # fmt: skip
         finally:
             if progress is not None:

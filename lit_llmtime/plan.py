@@ -195,10 +195,7 @@ def plan_predict(config: Any, accounting: Accounting | None = None) -> tuple[int
     total = 0.0
     for batch in data.predict_dataloader():
         grammar = batch_grammar(data.tokenizer, batch, forecast, data.encoding.decimals)
-        shape = generation_shape(batch["input_ids"], grammar, static=False)
-        total += shape.rows * flop_model.generation(
-            shape.prompt_tokens, shape.max_new_tokens, head_rows=shape.head_rows
-        )
+        total += generation_shape(batch["input_ids"], grammar, static=False).flops(flop_model)
     return len(data.datasets["predict"]), total
 
 
