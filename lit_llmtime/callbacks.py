@@ -148,8 +148,8 @@ class FlopBudget(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._describe(trainer, "running")
         if trainer.limit_val_batches and trainer.datamodule is not None:
-            loader = trainer.datamodule.val_dataloader()
-            self.val_reserve = self._validation_bound(trainer, loader, trainer.limit_val_batches)
+            loaders = trainer.datamodule.val_dataloader()
+            self.val_reserve = self._validation_bound(trainer, pl_module, loaders, trainer.limit_val_batches)
         if not self._rank_zero(trainer, lambda: self.authority.reserve(self.run_id, self.val_reserve)):
             self._refuse(trainer, f"fit needs {self.val_reserve:.3e} FLOPs for a validation pass; "
                                   f"{self.authority.available():.3e} left")  # fmt: skip
@@ -222,39 +222,68 @@ class FlopBudget(L.Callback):
             trainer.save_checkpoint(Path(callback.dirpath) / "last.ckpt")
 
     # -- validation and test -------------------------------------------------------------------
-    def _validation_bound(self, trainer: L.Trainer, loader, limit: int | float) -> float:
-        """FLOPs of one pass over ``loader`` (``limit``: Lightning's ``limit_*_batches``) on every
-        device, at full batches."""
-        if len(loader.dataset) == 0:
-            return 0.0
-        tokens = loader.dataset[0]["input_ids"].shape[-1]
-        batches = limit_batches(len(batch_sizes(len(loader.dataset), loader.batch_size, trainer.world_size)), limit)
-        return batches * trainer.world_size * self.flop_model.batch_forward(loader.batch_size, tokens)
+    def _validation_bound(self, trainer: L.Trainer, pl_module: L.LightningModule, loaders, limit: int | float) -> float:
+        """FLOPs of one pass (``limit``: Lightning's ``limit_*_batches``) on every device: the
+        windows at full batches, and the validation forecasts (a second loader) at their longest."""
+        loaders = list(loaders) if isinstance(loaders, list | tuple) else [loaders]
+        windows, total = loaders[0], 0.0
+        if len(windows.dataset):
+            tokens = windows.dataset[0]["input_ids"].shape[-1]
+            sizes = batch_sizes(len(windows.dataset), windows.batch_size, trainer.world_size)
+            total += (
+                limit_batches(len(sizes), limit)
+                * trainer.world_size
+                * self.flop_model.batch_forward(windows.batch_size, tokens)
+            )
+        if len(loaders) > 1 and limit_batches(1, limit):
+            total += self._forecast_bound(trainer, pl_module, loaders[1])
+        return total
 
-    def _reserve_pass(self, trainer: L.Trainer, loaders) -> None:
+    def _forecast_bound(self, trainer: L.Trainer, pl_module: L.LightningModule, loader) -> float:
+        """The most the validation forecasts (one batch of every prompt) can cost on all devices,
+        a distributed sampler's padding included."""
+        batch = next(iter(loader))
+        per_prompt = pl_module.generation_shape(batch).flops(self.flop_model) / len(batch["input_ids"])
+        return trainer.world_size * math.ceil(len(loader.dataset) / trainer.world_size) * per_prompt
+
+    def _reserve_pass(self, trainer: L.Trainer, pl_module: L.LightningModule, loaders) -> None:
         if self._stage == "fit":
             return  # fit keeps its pass reserved while training
-        loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
         limit = trainer.limit_test_batches if self._stage == "test" else trainer.limit_val_batches
-        bound = self._validation_bound(trainer, loader, limit)
+        bound = self._validation_bound(trainer, pl_module, loaders, limit)
         if not self._rank_zero(trainer, lambda: self.authority.reserve(self.run_id, bound)):
             self._refuse(trainer, f"{self._stage} needs {bound:.3e} FLOPs; {self.authority.available():.3e} left")
         self._describe(trainer, "running")
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._reserve_pass(trainer, trainer.val_dataloaders)
+        self._reserve_pass(trainer, pl_module, trainer.val_dataloaders)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._reserve_pass(trainer, trainer.test_dataloaders)
+        self._reserve_pass(trainer, pl_module, trainer.test_dataloaders)
 
-    def _charge_forward(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
-        cost = self._global_sum(trainer, self.flop_model.batch_forward(*batch["input_ids"].shape))
+    def _charge_forward(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, forecast: bool = False):
+        """Charge an evaluation batch before it runs: a forward pass, or (``forecast``) the longest
+        generation of a batch of validation prompts, whose unused part is refunded after it."""
+        local = self.flop_model.batch_forward(*batch["input_ids"].shape)
+        if forecast:
+            local = pl_module.generation_shape(batch).flops(self.flop_model)
+        cost = self._global_sum(trainer, local)
         if not self._charge(trainer, cost, self._stage if self._stage != "fit" else "validate"):
             self._refuse(trainer, f"a {self._stage} batch costs {cost:.3e} FLOPs beyond what is left")
         self.run_flops += cost
+        self._forecast_charged = cost
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._charge_forward(trainer, pl_module, batch)
+        self._charge_forward(trainer, pl_module, batch, forecast=dataloader_idx == 1)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        """Refund what a batch of validation forecasts did not generate."""
+        if dataloader_idx != 1:
+            return
+        spent = self._global_sum(trainer, outputs.shape.flops(self.flop_model, outputs.new_tokens))
+        unused = self._forecast_charged - spent
+        self._rank_zero(trainer, lambda: self.authority.refund(self.run_id, unused, "validate"))
+        self.run_flops -= unused
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._charge_forward(trainer, pl_module, batch)
@@ -301,10 +330,9 @@ class FlopBudget(L.Callback):
         self._describe(trainer, "running")
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        """What the generation cost goes into the outputs (``flops``), for the forecast files."""
-        shape = pl_module.generation_shape(batch)
-        outputs["flops"] = shape.flops(self.flop_model, outputs["generation"].tokens.shape[1])
-        self._generated += outputs["flops"]
+        """What the generation cost goes into its result (``flops``), for the forecast files."""
+        outputs.flops = outputs.shape.flops(self.flop_model, outputs.new_tokens)
+        self._generated += outputs.flops
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refund what the generation did not use."""
@@ -385,7 +413,8 @@ class ForecastWriter(BasePredictionWriter):
         folder = self._folder(trainer)
         if trainer.world_size > 1:
             if predictions:  # a rank may have had nothing to forecast
-                save_npz(folder / f"rank{trainer.global_rank}.npz", merge_predictions(predictions))
+                merged = merge_predictions([result.predictions() for result in predictions])
+                save_npz(folder / f"rank{trainer.global_rank}.npz", merged)
             trainer.strategy.barrier()
             if not trainer.is_global_zero:
                 return
@@ -395,7 +424,7 @@ class ForecastWriter(BasePredictionWriter):
                 path.unlink(missing_ok=True)
         if not predictions:
             return
-        part = merge_predictions(predictions)
+        part = merge_predictions([p if isinstance(p, dict) else p.predictions() for p in predictions])
         summary = write_forecast_outputs(folder, part, trainer.logger, self.max_figures)
         figures = sorted(folder.glob("forecast_*.png"))
         print(summary_lines(summary, folder, figures), flush=True)

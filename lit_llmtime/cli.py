@@ -122,6 +122,8 @@ def flops(args: list[str], accounting: Accounting | None = None) -> None:
         )
         print(f"  training             {plan.train_flops:.4e}")
         print(f"  validation           {plan.val_flops:.4e}  ({plan.val_passes} passes, {plan.val_batches} batches)")
+        if plan.val_forecast_flops:
+            print(f"    of it, forecasts   {plan.val_forecast_flops:.4e}  (at most; data.forecast_validation)")
         print(f"  whole fit            {plan.flops:.4e}  ({100 * plan.flops / budget:.4f}% of the budget, {share})")
         try:
             trajectories, generation = plan_predict(config, accounting)

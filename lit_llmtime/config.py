@@ -51,6 +51,29 @@ class EncodingArgs:
 
 
 @dataclass
+class ForecastValidationArgs:
+    """Forecasts at every validation: forecast skill beside the token loss, since the loss can fall
+    while forecasts get worse. Logged as ``val/forecast/*`` (MAE, MASE, R² per species, a figure),
+    charged to the FLOP budget like the rest of validation and predicted by ``lit-llmtime flops``.
+
+    Args:
+        trajectories: validation trajectories forecast each time, the first ones of the validation
+            split, in one generation batch (0: none).
+        horizon: steps forecast after each prompt of ``encoding.prompt_steps`` steps.
+    """
+
+    trajectories: int = 8
+    horizon: int = 50
+
+    def __post_init__(self) -> None:
+        if self.trajectories < 0 or self.horizon < 1:
+            raise ValueError(
+                "forecast_validation.trajectories must be >= 0 and horizon >= 1, "
+                f"got {self.trajectories}, {self.horizon}"
+            )
+
+
+@dataclass
 class LoRAArgs:
     """LoRA adapters (Hu et al., 2021) on the frozen base model.
 

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from lit_llmtime.config import EncodingArgs, as_args
+from lit_llmtime.config import EncodingArgs, ForecastValidationArgs, as_args
 from lit_llmtime.llmtime import STEP_SEPARATOR, encode, global_alpha, scale_alpha
 
 DEFAULT_DATA_PATH = "data/lotka_volterra_data.h5"
@@ -189,8 +189,11 @@ class Prompts(Dataset):
         }
 
 
-def collate_prompts(items: list[dict], pad_token_id: int, prompt_steps: int, time: np.ndarray) -> dict:
-    """Left-pad a batch of prompts (generation appends on the right) with an attention mask."""
+def collate_prompts(
+    items: list[dict], pad_token_id: int, prompt_steps: int, time: np.ndarray, horizon: int | None = None
+) -> dict:
+    """Left-pad a batch of prompts (generation appends on the right) with an attention mask; the
+    truth after each prompt is its next ``horizon`` steps (default: all)."""
     length = max(len(item["input_ids"]) for item in items)
     input_ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(items), length), dtype=torch.long)
@@ -205,7 +208,7 @@ def collate_prompts(items: list[dict], pad_token_id: int, prompt_steps: int, tim
         "attention_mask": attention_mask,
         "alpha": torch.tensor([item["alpha"] for item in items], dtype=torch.float64),
         "prompt": trajectories[:, :prompt_steps],
-        "future": trajectories[:, prompt_steps:],
+        "future": trajectories[:, prompt_steps : None if horizon is None else prompt_steps + horizon],
         "time": torch.from_numpy(np.asarray(time, dtype=np.float64)),
     }
 
@@ -234,6 +237,8 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         packing: train on one stream of all training texts, each ended by end-of-text, so every
             window is full (no padding; a window may span two trajectories). Matters once
             ``context_length`` exceeds a trajectory's text (about 1,000 tokens).
+        forecast_validation: validation trajectories forecast at every validation (a second
+            validation loader of prompts, one batch), so forecast skill is logged beside the loss.
     """
 
     def __init__(
@@ -254,11 +259,14 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         predict_indices: list[int] | None = None,
         predict_batch_size: int | None = None,
         packing: bool = False,
+        forecast_validation: ForecastValidationArgs = ForecastValidationArgs(),  # noqa: B008
     ) -> None:
         super().__init__()
         self.encoding = as_args(EncodingArgs, encoding)
-        self.save_hyperparameters(ignore=["encoding"])
+        self.forecast_validation = as_args(ForecastValidationArgs, forecast_validation)
+        self.save_hyperparameters(ignore=["encoding", "forecast_validation"])
         self.hparams["encoding"] = asdict(self.encoding)  # plain values, as the model's (Lightning compares them)
+        self.hparams["forecast_validation"] = asdict(self.forecast_validation)
         if context_length < 2:
             raise ValueError(f"context_length must be at least 2 tokens, got {context_length}")
         self.train_stride = train_stride or max(1, context_length // 2)
@@ -279,6 +287,8 @@ class LotkaVolterraDataModule(L.LightningDataModule):
             self._setup_windows()
         if stage in ("predict", None) and "predict" not in self.datasets:  # only predict needs (and checks) them
             self.datasets["predict"] = self._prompts(np.array(self.predict_indices(), dtype=np.int64))
+        if stage in ("fit", "validate", None) and "val_forecast" not in self.datasets:
+            self.datasets["val_forecast"] = self._validation_prompts()
 
     def _setup_windows(self) -> None:
         """Every split's token windows; checks that one time step fits in a window."""
@@ -309,6 +319,16 @@ class LotkaVolterraDataModule(L.LightningDataModule):
             pad = self.tokenizer.pad_token_id
             windows = chunk_windows(token_ids, hp.context_length, strides[split], pad, cover_end=split == "train")
             self.datasets[split] = TokenWindows(windows)
+
+    def _validation_prompts(self) -> Prompts:
+        """The first ``forecast_validation.trajectories`` of the validation split, as prompts."""
+        settings, steps = self.forecast_validation, self.trajectories.shape[1]
+        if settings.trajectories and self.encoding.prompt_steps + settings.horizon > steps:
+            raise ValueError(
+                f"{self.hparams.data_path}: forecast_validation.horizon={settings.horizon} after "
+                f"encoding.prompt_steps={self.encoding.prompt_steps} runs past the trajectories' {steps} steps"
+            )
+        return self._prompts(self.splits["val"][: settings.trajectories])
 
     def _prompts(self, indices: np.ndarray) -> Prompts:
         steps = self.encoding.prompt_steps
@@ -341,23 +361,29 @@ class LotkaVolterraDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """Validation windows and, with ``forecast_validation.trajectories``, a second loader of
+        one batch of validation prompts (``LLMTimeLoRA.validation_step`` forecasts them)."""
+        windows = self._loader("val", shuffle=False)
+        prompts = self.datasets.get("val_forecast")
+        if prompts is None or len(prompts) == 0:
+            return windows
+        return [windows, self._prompt_loader(prompts, len(prompts), self.forecast_validation.horizon)]
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         """Left-padded prompts with their scales and trajectories (see ``collate_prompts``)."""
+        batch_size = self.hparams.predict_batch_size or self.hparams.batch_size
+        return self._prompt_loader(self.datasets["predict"], batch_size)
+
+    def _prompt_loader(self, prompts: Prompts, batch_size: int, horizon: int | None = None) -> DataLoader:
         collate = partial(
             collate_prompts,
             pad_token_id=self.tokenizer.pad_token_id,
             prompt_steps=self.encoding.prompt_steps,
             time=self.time,
+            horizon=horizon,
         )
-        return DataLoader(
-            self.datasets["predict"],
-            batch_size=self.hparams.predict_batch_size or self.hparams.batch_size,
-            collate_fn=collate,
-            num_workers=self.hparams.num_workers,
-        )
+        return DataLoader(prompts, batch_size=batch_size, collate_fn=collate, num_workers=self.hparams.num_workers)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lit_llmtime.forecast import SPECIES, metrics
 from lit_llmtime.io import atomic_path, write_text_atomic
+from lit_llmtime.metrics import POINT_METRICS, SAMPLE_METRICS, SPECIES, nanmean, score
 
 ARRAYS = ("index", "prompt", "truth", "forecast", "lower", "upper", "samples", "valid_share", "alpha")
 
@@ -63,16 +62,19 @@ def load_npz(path: str | Path) -> dict[str, Any]:
 
 
 def summarise(predictions: dict[str, Any]) -> dict[str, Any]:
-    """Metrics per trajectory and their means, for the LLM and each reference forecaster."""
+    """Metrics per trajectory and their means, for the LLM and each reference forecaster: MSE,
+    MAE, R² and MASE, and for a sampled LLM forecast also CRPS and the weighted quantile loss."""
 
-    def table(forecasts: np.ndarray) -> dict[str, Any]:
+    def table(forecasts: np.ndarray, samples: np.ndarray | None = None) -> dict[str, Any]:
+        rows = zip(predictions["index"], predictions["truth"], forecasts, predictions["prompt"], strict=True)
         per = {
-            int(i): metrics(t, f) for i, t, f in zip(predictions["index"], predictions["truth"], forecasts, strict=True)
+            int(i): score(t, f, p, None if samples is None else samples[row]) for row, (i, t, f, p) in enumerate(rows)
         }
-        mean = {s: {m: _nanmean([per[i][s][m] for i in per]) for m in ("mse", "mae", "r2")} for s in SPECIES}
+        names = list(next(iter(per.values()))["prey"]) if per else list(POINT_METRICS)
+        mean = {s: {m: nanmean([per[i][s][m] for i in per]) for m in names} for s in SPECIES}
         return {"per_trajectory": per, "mean": mean}
 
-    summary = {"model": table(predictions["forecast"])}
+    summary = {"model": table(predictions["forecast"], predictions["samples"])}
     for i, share in zip(predictions["index"], predictions["valid_share"], strict=True):
         summary["model"]["per_trajectory"][int(i)]["valid_share"] = float(share)
     summary["model"]["mean"]["valid_share"] = float(np.mean(predictions["valid_share"]))
@@ -86,25 +88,26 @@ def summarise(predictions: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else math.nan
+LABELS = {"mse": "MSE", "mae": "MAE", "r2": "R²", "mase": "MASE", "crps": "CRPS", "wql": "WQL"}
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
     """Per-trajectory and mean metrics (like the report's tables 4 and 5), references included."""
-    header = "| sample | valid steps | prey MSE | prey MAE | prey R² | predator MSE | predator MAE | predator R² |"
-    lines = ["## LLM forecast", "", header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    names = [m for m in (*POINT_METRICS, *SAMPLE_METRICS) if m in summary["model"]["mean"]["prey"]]
+    columns = " | ".join(f"{s} {LABELS[m]}" for s in SPECIES for m in names)
+    header = f"| sample | valid steps | {columns} |"
+    rule = "|---|---:|" + "---:|" * (len(SPECIES) * len(names))
+    lines = ["## LLM forecast", "", header, rule]
 
     def cells(m: dict[str, Any]) -> str:
-        return " | ".join(f"{m[s][k]:.4f}" for s in SPECIES for k in ("mse", "mae", "r2"))
+        return " | ".join(f"{m[s][k]:.4f}" if k in m[s] else "" for s in SPECIES for k in names)
 
     for index, m in summary["model"]["per_trajectory"].items():
         lines.append(f"| {index} | {100 * m['valid_share']:.0f}% | {cells(m)} |")
     mean = summary["model"]["mean"]
     lines.append(f"| **mean** | {100 * mean['valid_share']:.0f}% | {cells(mean)} |")
     lines += ["", "## Mean over the same samples, all forecasters", "", header.replace("valid steps", "forecaster")]
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+    lines.append(rule.replace("|---:|", "|---|", 1))
     lines.append(f"| all | LLM | {cells(mean)} |")
     for name, ref in summary["references"].items():
         lines.append(f"| all | {name} | {cells(ref['mean'])} |")
@@ -112,7 +115,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
     lines += [
         "",
         "Every forecast step is scored; a step that did not parse (possible only without the grammar) counts as the "
-        "last valid value before it. All forecasters are scored on the same steps.",
+        "last valid value before it. All forecasters are scored on the same steps. MASE divides the MAE by the "
+        "prompt's mean one-step change (the naive forecast's in-sample error); CRPS (from the samples) and WQL "
+        "(the weighted quantile loss at 0.1 ... 0.9) score sampled forecasts.",
         "",
         f"Generation: {generation['tokens']:.0f} tokens in {generation['seconds']:.1f} s "
         f"({generation['tokens_per_second']:.1f} tokens/s), {generation['flops']:.3e} FLOPs.",
@@ -160,10 +165,11 @@ def summary_lines(summary: dict[str, Any], folder: Path, figures: list[Path]) ->
     lines = [
         f"Forecasts of {len(summary['model']['per_trajectory'])} trajectories "
         f"({100 * summary['model']['mean']['valid_share']:.0f}% of the LLM's steps parsed), means:",
-        f"  {'forecaster':16s} {'prey MAE':>9s} {'prey R2':>9s} {'pred. MAE':>9s} {'pred. R2':>9s}",
+        f"  {'forecaster':16s} {'prey MAE':>9s} {'prey MASE':>9s} {'prey R2':>9s} "
+        f"{'pred. MAE':>9s} {'pred. MASE':>10s} {'pred. R2':>9s}",
     ]
     for name, mean in rows.items():
-        cells = [mean[s][m] for s in SPECIES for m in ("mae", "r2")]
+        cells = [mean[s][m] for s in SPECIES for m in ("mae", "mase", "r2")]
         lines.append(f"  {name:16s} " + " ".join(f"{value:9.4f}" for value in cells))
     lines.append(f"metrics: {folder / 'metrics.md'} (and metrics.json, predictions.npz)")
     lines.append("figures: " + (", ".join(str(f) for f in figures[:4]) + (" ..." if len(figures) > 4 else "")))

@@ -1,32 +1,26 @@
 """Forecasting: our own generation loop (KV cache, LLMTIME grammar, greedy or sampled), decoding
-of the generated text, scoring on every step, and classical reference forecasters."""
+of the generated text, and the ``Forecaster`` that predict, validation and users call."""
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.optimize import least_squares
-from scipy.sparse import block_diag
 from torch import nn
-from torchmetrics.functional import mean_absolute_error, mean_squared_error, r2_score
 from tqdm.auto import tqdm
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache, PreTrainedTokenizerBase, StaticCache
 
-from lit_llmtime.config import REFERENCE_FORECASTERS, ForecastArgs
+from lit_llmtime.config import ForecastArgs
 from lit_llmtime.flops import FlopModel
 from lit_llmtime.grammar import LLMTimeGrammar
 from lit_llmtime.llmtime import decode
-from lit_llmtime.simulate import integrate
-
-SPECIES = ("prey", "predator")
+from lit_llmtime.references import reference_forecast
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: Lightning rebuilds dataclasses in step outputs (apply_to_collection)
 class GenerationShape:
     """What a batch's generation computes at most: the FLOP budget charges it before it runs."""
 
@@ -41,12 +35,15 @@ class GenerationShape:
         return self.rows * flop_model.generation(self.prompt_tokens, tokens, head_rows=self.head_rows)
 
 
-def batch_grammar(tokenizer, batch: dict, forecast: ForecastArgs, decimals: int) -> LLMTimeGrammar:
-    """The decoding constraint of a predict batch (one row per prompt and sample)."""
+def batch_grammar(
+    tokenizer, batch: dict, forecast: ForecastArgs, decimals: int, steps: int | None = None
+) -> LLMTimeGrammar:
+    """The decoding constraint of a batch of prompts (one row per prompt and sample), for ``steps``
+    steps (default ``forecast.forecast_steps``)."""
     return LLMTimeGrammar(
         tokenizer,
         batch_size=len(batch["input_ids"]) * forecast.num_samples,
-        steps=forecast.forecast_steps,
+        steps=forecast.forecast_steps if steps is None else steps,
         decimals=decimals,
         max_integer_digits=forecast.max_integer_digits,
         allow_negative=bool((batch["prompt"] < 0).any()),
@@ -271,78 +268,123 @@ def decode_forecasts(texts: list[str], alphas: np.ndarray, prompts: np.ndarray, 
     )
 
 
-def metrics(truth: np.ndarray, forecast: np.ndarray) -> dict[str, dict[str, float]]:
-    """MSE, MAE and R^2 per species over every step of a (H, 2) forecast (torchmetrics)."""
-    if np.isnan(forecast).any():
-        raise ValueError("forecast has NaN steps: fill them (fill_invalid) before scoring")
-    result = {}
-    for k, name in enumerate(SPECIES):
-        y, p = torch.as_tensor(truth[:, k]), torch.as_tensor(forecast[:, k])
-        r2 = r2_score(p, y).item() if len(y) > 1 else math.nan
-        result[name] = {"mse": mean_squared_error(p, y).item(), "mae": mean_absolute_error(p, y).item(), "r2": r2}
-    return result
+@dataclass
+class ForecastResult:
+    """Forecasts of a batch of trajectories on the original scale, with what they are compared to
+    and what generating them took. Arrays are (B, ...) in the batch's order."""
+
+    index: np.ndarray  # (B,) trajectory indices
+    time: np.ndarray  # (T,) the data set's time axis
+    prompt: np.ndarray  # (B, P, V) observed steps
+    truth: np.ndarray  # (B, H, V) the steps that followed
+    alpha: np.ndarray  # (B,) LLMTIME scales
+    forecast: np.ndarray  # (B, H, V) median over samples
+    lower: np.ndarray  # (B, H, V) 5% quantile
+    upper: np.ndarray  # (B, H, V) 95% quantile
+    samples: np.ndarray  # (B, S, H, V)
+    valid_share: np.ndarray  # (B,) share of generated steps that parsed
+    texts: list[str]  # first sample's generated text per trajectory
+    shape: GenerationShape  # the most the generation could compute (what the budget charged)
+    new_tokens: int  # tokens generated per row
+    seconds: float
+    references: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (B, H, V)
+    flops: float = 0.0  # what the generation cost (the FLOP budget callback sets it)
+
+    @property
+    def tokens(self) -> int:
+        return self.shape.rows * self.new_tokens
+
+    def predictions(self) -> dict:
+        """As the dict that ``evaluation`` merges, saves and summarises."""
+        arrays = ("index", "time", "prompt", "truth", "alpha", "forecast", "lower", "upper", "samples", "valid_share")
+        result = {name: getattr(self, name) for name in arrays}
+        return result | {
+            "texts": self.texts,
+            "references": self.references,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "flops": self.flops,
+        }
 
 
-# -- reference forecasters ---------------------------------------------------------------------
-def persistence(prompts: np.ndarray, horizon: int) -> np.ndarray:
-    """Repeat the last observed value of each (N, P, 2) prompt: (N, horizon, 2)."""
-    return np.repeat(np.asarray(prompts, dtype=np.float64)[:, -1:], horizon, axis=1)
+class Forecaster:
+    """Forecasts batches of LLMTIME prompts (``data.collate_prompts``) with a causal LM: our
+    generation loop under the LLMTIME grammar, decoded back to the original scale, with the
+    reference forecasters on the same prompts. ``predict``, validation and users share it.
 
-
-def fit_lotka_volterra(prompts: np.ndarray, time: np.ndarray) -> np.ndarray:
-    """Least-squares fit of ``a, b, c, d`` of ``x' = a x - b x y, y' = c x y - d y`` to each of
-    (N, P, 2) prompts; returns (N, 4).
-
-    Starts from the linear regression of log-derivatives (``d log x/dt = a - b y``,
-    ``d log y/dt = c x - d``), then refines by integrating the ODEs from the first observations.
-    All trajectories are fitted as one problem with a block-sparse Jacobian, so each refinement
-    step is a handful of vectorised ODE solves rather than one per trajectory.
+    Args:
+        model: a Hugging Face causal LM (LoRA layers in place or not).
+        tokenizer: the tokenizer the prompts were written with.
+        forecast: generation settings (samples, temperature, top-p, grammar).
+        decimals: the encoding's decimals (the grammar writes exactly these).
+        compile: a static KV cache and a compiled per-token step (CUDA).
     """
-    prompts = np.asarray(prompts, dtype=np.float64)
-    n, steps, _ = prompts.shape
-    x, y = np.maximum(prompts[..., 0], 1e-9), np.maximum(prompts[..., 1], 1e-9)
-    dlogx, dlogy = np.gradient(np.log(x), time, axis=1), np.gradient(np.log(y), time, axis=1)
-    guess = np.empty((n, 4))
-    for i in range(n):
-        (a, minus_b), *_ = np.linalg.lstsq(np.stack([np.ones(steps), y[i]], 1), dlogx[i], rcond=None)
-        (c, minus_d), *_ = np.linalg.lstsq(np.stack([x[i], np.ones(steps)], 1), dlogy[i], rcond=None)
-        guess[i] = [a, -minus_b, c, -minus_d]
-    guess = np.log(np.clip(np.abs(guess), 1e-4, 10.0))
-    scale = prompts.std(axis=1, keepdims=True) + 1e-9
 
-    def residuals(log_params: np.ndarray) -> np.ndarray:
-        solution = _integrate(np.exp(log_params.reshape(n, 4)), prompts[:, 0], time)
-        if solution is None:
-            return np.full(prompts.size, 1e3)
-        return ((solution - prompts) / scale).ravel()
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        forecast: ForecastArgs,
+        decimals: int,
+        compile: bool = False,
+    ) -> None:
+        self.model, self.tokenizer, self.settings = model, tokenizer, forecast
+        self.decimals, self.compile = decimals, compile
 
-    sparsity = block_diag([np.ones((steps * 2, 4))] * n, format="csr")
-    fit = least_squares(residuals, guess.ravel(), jac_sparsity=sparsity, method="trf", x_scale="jac", max_nfev=100)
-    return np.exp(fit.x.reshape(n, 4))
+    def horizon(self, batch: dict) -> int:
+        """Steps to forecast: ``forecast_steps``, or fewer when the batch's truth is shorter
+        (validation forecasts carry exactly their horizon)."""
+        return min(self.settings.forecast_steps, batch["future"].shape[1])
 
+    def grammar(self, batch: dict, horizon: int) -> LLMTimeGrammar:
+        return batch_grammar(self.tokenizer, batch, self.settings, self.decimals, horizon)
 
-def _integrate(params: np.ndarray, initial: np.ndarray, time: np.ndarray) -> np.ndarray | None:
-    """Solve (N,) systems with (N, 4) parameters from (N, 2) initial states; (N, T, 2) or None."""
-    try:
-        return integrate(dict(zip("abcd", params.T, strict=True)), initial, time)
-    except RuntimeError:
-        return None
+    def shape(self, batch: dict, horizon: int | None = None) -> GenerationShape:
+        """What forecasting this batch computes at most (the FLOP budget charges it beforehand)."""
+        horizon = self.horizon(batch) if horizon is None else horizon
+        return generation_shape(batch["input_ids"], self.grammar(batch, horizon), self.compile)
 
-
-def lotka_volterra_forecast(prompts: np.ndarray, time: np.ndarray, horizon: int) -> np.ndarray:
-    """Fit the ODE to each (N, P, 2) prompt (observed at ``time[:P]``) and integrate it ``horizon``
-    steps on from its last observation; persistence where the fit cannot be integrated."""
-    prompts = np.asarray(prompts, dtype=np.float64)
-    steps = prompts.shape[1]
-    params = fit_lotka_volterra(prompts, time[:steps])
-    future = _integrate(params, prompts[:, -1], time[steps - 1 : steps + horizon])
-    return persistence(prompts, horizon) if future is None else future[:, 1:]
-
-
-def reference_forecast(name: str, prompts: np.ndarray, time: np.ndarray, horizon: int) -> np.ndarray:
-    """Forecast (N, P, 2) prompts with a named reference forecaster: (N, horizon, 2)."""
-    if name == "persistence":
-        return persistence(prompts, horizon)
-    if name == "lotka_volterra":
-        return lotka_volterra_forecast(prompts, time, horizon)
-    raise ValueError(f"unknown reference forecaster {name!r}; choose from {REFERENCE_FORECASTERS}")
+    def __call__(
+        self,
+        batch: dict,
+        horizon: int | None = None,
+        references: tuple[str, ...] | list[str] = (),
+        progress: Callable[[LLMTimeGrammar, int, float], None] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> ForecastResult:
+        """Forecast ``horizon`` steps (default: see ``horizon``) of every prompt in ``batch``."""
+        horizon = self.horizon(batch) if horizon is None else horizon
+        if batch["future"].shape[1] < horizon:
+            raise ValueError(
+                f"trajectories have {batch['future'].shape[1]} steps after the prompt, fewer than the "
+                f"{horizon} to forecast"
+            )
+        prompts, alphas = batch["prompt"].cpu().numpy(), batch["alpha"].cpu().numpy()
+        time_axis = batch["time"].cpu().numpy()
+        grammar = self.grammar(batch, horizon)
+        shape = generation_shape(batch["input_ids"], grammar, self.compile)
+        settings = self.settings
+        generation = generate(
+            self.model, batch["input_ids"], batch["attention_mask"], grammar, shape.max_new_tokens,
+            settings.num_samples, settings.temperature, settings.top_p, generator=generator, progress=progress,
+            compile=self.compile, static=self.compile,
+        )  # fmt: skip
+        texts = self.tokenizer.batch_decode(generation.tokens, skip_special_tokens=True)
+        decoded = decode_forecasts(texts, alphas, prompts, horizon)
+        return ForecastResult(
+            index=batch["index"].cpu().numpy(),
+            time=time_axis,
+            prompt=prompts,
+            truth=batch["future"][:, :horizon].cpu().numpy(),
+            alpha=alphas,
+            forecast=decoded.forecast,
+            lower=decoded.lower,
+            upper=decoded.upper,
+            samples=decoded.samples,
+            valid_share=decoded.valid_share,
+            texts=decoded.texts,
+            shape=shape,
+            new_tokens=generation.tokens.shape[1],
+            seconds=generation.seconds,
+            references={name: reference_forecast(name, prompts, time_axis, horizon) for name in references},
+        )

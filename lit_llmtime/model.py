@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,20 +18,13 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from lit_llmtime.config import DEFAULT_MODEL, EncodingArgs, ForecastArgs, LoRAArgs, OptimArgs, as_args
 from lit_llmtime.data import IGNORE_INDEX, OFFLINE_TOKENIZER, load_tokenizer
-from lit_llmtime.forecast import (
-    GenerationShape,
-    StepProgress,
-    batch_grammar,
-    decode_forecasts,
-    generate,
-    generation_shape,
-    reference_forecast,
-)
+from lit_llmtime.forecast import Forecaster, ForecastResult, GenerationShape, StepProgress
 from lit_llmtime.gguf import check_tokenizer_agrees, is_gguf, load_gguf_model
-from lit_llmtime.grammar import EOS, LLMTimeGrammar, single_token_ids
+from lit_llmtime.grammar import EOS, single_token_ids
 from lit_llmtime.llmtime import ALPHABET
 from lit_llmtime.lora import apply_lora, count_trainable, trainable_state_dict
 from lit_llmtime.loss import evaluation_losses, linear_cross_entropy, row_targets
+from lit_llmtime.metrics import SAMPLE_METRICS, SPECIES, score
 
 
 def build_base_model(
@@ -119,8 +113,10 @@ class LLMTimeLoRA(L.LightningModule):
         lora = self.lora
         apply_lora(self.model, lora.targets, lora.rank, lora.alpha, lora.dropout, lora.train_lm_head_bias)
         self.val_loss, self.val_loss_llmtime, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_forecast = ForecastSkill(sampled=self.forecast.num_samples > 1)
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._val_figure: ForecastResult | None = None
         rows = llmtime_head_rows(self.tokenizer) if output_vocab == "llmtime" else None
         self.register_buffer("head_rows", rows, persistent=False)
 
@@ -171,15 +167,48 @@ class LLMTimeLoRA(L.LightningModule):
         # fresh state in this pass's grad mode (a validate() before fit() left inference tensors)
         self.val_loss.reset()
         self.val_loss_llmtime.reset()
+        self.val_forecast.reset()
+        self._val_figure = None
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_loss, self.val_loss_llmtime)
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> ForecastResult | None:
+        """Token loss on the windows (loader 0); forecasts of the validation prompts (loader 1)."""
+        if dataloader_idx == 0:
+            self._evaluate(batch, self.val_loss, self.val_loss_llmtime)
+            return None
+        result = self.forecaster(batch, horizon=batch["future"].shape[1])
+        self.val_forecast.update(result)
+        if self._val_figure is None:
+            self._val_figure = result
+        return result
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_loss("val", self.val_loss)
         if self.val_loss_llmtime.update_count:
             self.log("val/loss_llmtime", self.val_loss_llmtime.compute(), sync_dist=False)
             self.val_loss_llmtime.reset()
+        if self.val_forecast.update_count:
+            self._log_forecast_skill()
+
+    def _log_forecast_skill(self) -> None:
+        """``val/forecast/*``; in the sanity check (which Lightning does not log), straight to the
+        logger at step 0: the skill of the weights before training."""
+        skill = {f"val/forecast/{name}": value for name, value in self.val_forecast.compute().items()}
+        self.val_forecast.reset()
+        if not self.trainer.sanity_checking:
+            for name, value in skill.items():
+                self.log(name, value, sync_dist=False)
+        elif self.logger is not None and self.trainer.is_global_zero:
+            self.logger.log_metrics({name: float(value) for name, value in skill.items()}, step=0)
+        result, self._val_figure = self._val_figure, None
+        experiment = getattr(self.logger, "experiment", None)
+        if result is not None and self.trainer.is_global_zero and hasattr(experiment, "add_figure"):
+            from lit_llmtime.plots import plot_forecast
+
+            figure = plot_forecast(
+                result.time, result.prompt[0], result.truth[0], result.forecast[0], result.lower[0], result.upper[0],
+                title=f"validation sample {result.index[0]}, step {self.global_step}",
+            )  # fmt: skip
+            experiment.add_figure("val/forecast", figure, global_step=self.global_step)
 
     def on_test_epoch_start(self) -> None:
         self.test_loss.reset()
@@ -212,63 +241,30 @@ class LLMTimeLoRA(L.LightningModule):
             self._tokenizer = load_tokenizer(self.hparams.tokenizer)
         return self._tokenizer
 
-    def grammar(self, batch: dict[str, torch.Tensor]) -> LLMTimeGrammar:
-        """The decoding constraint of a predict batch (one row per prompt and sample)."""
-        return batch_grammar(self.tokenizer, batch, self.forecast, self.encoding.decimals)
-
     def compiled_generation(self) -> bool:
         """Static KV cache and a compiled decoding step (``forecast.compile``; ``auto``: on CUDA)."""
         return self.forecast.compile == "on" or (self.forecast.compile == "auto" and self.device.type == "cuda")
 
-    def generation_shape(self, batch: dict[str, torch.Tensor]) -> GenerationShape:
-        """What generating this batch computes at most (the FLOP budget charges it beforehand)."""
-        return generation_shape(batch["input_ids"], self.grammar(batch), self.compiled_generation())
+    @property
+    def forecaster(self) -> Forecaster:
+        """This model's forecaster: the adapters are used as they are, never merged."""
+        return Forecaster(self.model, self.tokenizer, self.forecast, self.encoding.decimals, self.compiled_generation())
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+    def generation_shape(self, batch: dict[str, torch.Tensor]) -> GenerationShape:
+        """What forecasting this batch computes at most (the FLOP budget charges it beforehand):
+        validation prompts carry their horizon, predict prompts their whole future."""
+        return self.forecaster.shape(batch)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> ForecastResult:
         """Forecast ``forecast.forecast_steps`` steps of each trajectory from its prompt."""
         horizon = self.forecast.forecast_steps
-        if batch["future"].shape[1] < horizon:
-            raise ValueError(
-                f"trajectories have {batch['future'].shape[1]} steps after the prompt, fewer than "
-                f"forecast.forecast_steps={horizon}"
-            )
-        prompts, alphas = batch["prompt"].cpu().numpy(), batch["alpha"].cpu().numpy()
-        time = batch["time"].cpu().numpy()
         show = self.trainer.progress_bar_callback is not None and self.trainer.is_global_zero
         progress = StepProgress(horizon, f"forecast batch {batch_idx}") if show else None
-        grammar, compiled = self.grammar(batch), self.compiled_generation()
         try:
-            generation = generate(
-                self.model, batch["input_ids"], batch["attention_mask"], grammar,
-                generation_shape(batch["input_ids"], grammar, compiled).max_new_tokens, self.forecast.num_samples,
-                self.forecast.temperature, self.forecast.top_p, progress=progress, compile=compiled,
-            )  # fmt: skip
+            return self.forecaster(batch, horizon, self.forecast.reference_forecasters, progress)
         finally:
             if progress is not None:
                 progress.close()
-        texts = self.tokenizer.batch_decode(generation.tokens, skip_special_tokens=True)
-        forecasts = decode_forecasts(texts, alphas, prompts, horizon)
-        references = {
-            name: reference_forecast(name, prompts, time, horizon) for name in self.forecast.reference_forecasters
-        }
-        return {
-            "index": batch["index"].cpu().numpy(),
-            "time": time,
-            "prompt": prompts,
-            "truth": batch["future"][:, :horizon].cpu().numpy(),
-            "alpha": alphas,
-            "references": references,
-            "forecast": forecasts.forecast,
-            "lower": forecasts.lower,
-            "upper": forecasts.upper,
-            "samples": forecasts.samples,
-            "valid_share": forecasts.valid_share,
-            "texts": forecasts.texts,
-            "generation": generation,
-            "tokens": generation.tokens.numel(),
-            "seconds": generation.seconds,
-            "flops": 0.0,  # the FLOP budget callback puts the generation's cost here
-        }
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -302,3 +298,36 @@ class LLMTimeLoRA(L.LightningModule):
                 f"checkpoint lacks {len(missing)} adapter tensors this model needs (e.g. {missing[0]}); "
                 "was it trained with other LoRA targets?"
             )
+
+
+class ForecastSkill(nn.Module):
+    """Mean forecast scores over validation trajectories, synchronised across devices: MAE, MSE,
+    R² and MASE per species, MASE over both (a checkpoint can be chosen by it), the share of
+    steps that parsed, and with sampling CRPS and the weighted quantile loss."""
+
+    def __init__(self, sampled: bool) -> None:
+        super().__init__()
+        names = ["mae", "mse", "r2", "mase", *(SAMPLE_METRICS if sampled else ())]
+        keys = [f"{name}_{species}" for name in names for species in SPECIES] + ["mase", "valid_share"]
+        self.means = nn.ModuleDict({key: MeanMetric(nan_strategy="ignore") for key in keys})
+
+    @property
+    def update_count(self) -> int:
+        return self.means["mase"].update_count
+
+    def update(self, result: ForecastResult) -> None:
+        for row in range(len(result.index)):
+            scores = score(result.truth[row], result.forecast[row], result.prompt[row], result.samples[row])
+            for species, values in scores.items():
+                for name, value in values.items():
+                    if f"{name}_{species}" in self.means:
+                        self.means[f"{name}_{species}"].update(value)
+            self.means["mase"].update(float(np.mean([values["mase"] for values in scores.values()])))
+            self.means["valid_share"].update(float(result.valid_share[row]))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {key: metric.compute() for key, metric in self.means.items()}
+
+    def reset(self) -> None:
+        for metric in self.means.values():
+            metric.reset()

@@ -16,7 +16,15 @@ from typing import Any
 
 import torch
 
-from lit_llmtime.config import DEFAULT_MODEL, QWEN2_5_0_5B_CONFIG, EncodingArgs, ForecastArgs, LoRAArgs, as_args
+from lit_llmtime.config import (
+    DEFAULT_MODEL,
+    QWEN2_5_0_5B_CONFIG,
+    EncodingArgs,
+    ForecastArgs,
+    ForecastValidationArgs,
+    LoRAArgs,
+    as_args,
+)
 from lit_llmtime.flops import Accounting, FlopModel
 from lit_llmtime.llmtime import ALPHABET
 
@@ -98,9 +106,10 @@ class FitPlan:
     train_batches: int
     optimizer_steps: int
     val_passes: int
-    val_batches: int  # all passes, sanity check included
+    val_batches: int  # windows, all passes, sanity check included
     train_flops: float
-    val_flops: float
+    val_flops: float  # validation forecasts included
+    val_forecast_flops: float = 0.0  # the validation forecasts' part, at their longest
 
     @property
     def flops(self) -> float:
@@ -115,6 +124,9 @@ def plan_fit(config: Any, accounting: Accounting | None = None, windows: dict[st
     trainer, data = config.trainer, config.data
     ranks = world_size(trainer)
     windows = windows or count_windows(config)
+    forecast_pass = (
+        validation_forecast_bound(config, accounting) if limit_batches(1, _get(trainer, "limit_val_batches")) else 0.0
+    )
     flop_model = flop_model_of(config, accounting)
     context, batch_size = data.context_length, data.batch_size
     train_sizes = batch_sizes(windows["train"], batch_size, ranks)
@@ -122,7 +134,7 @@ def plan_fit(config: Any, accounting: Accounting | None = None, windows: dict[st
     val_sizes = batch_sizes(windows["val"], batch_size, ranks)
     val_sizes = val_sizes[: limit_batches(len(val_sizes), _get(trainer, "limit_val_batches"))]
     per_batch_train = {size: ranks * flop_model.train_step(size, context) for size in set(train_sizes)}
-    val_pass = sum(ranks * flop_model.batch_forward(size, context) for size in val_sizes)
+    val_pass = sum(ranks * flop_model.batch_forward(size, context) for size in val_sizes) + forecast_pass
 
     max_steps = _get(trainer, "max_steps", -1)
     max_epochs = _get(trainer, "max_epochs", None)
@@ -139,6 +151,8 @@ def plan_fit(config: Any, accounting: Accounting | None = None, windows: dict[st
     sanity = _get(trainer, "num_sanity_val_steps", 2)
     sanity_batches = (len(val_sizes) if sanity == -1 else min(sanity, len(val_sizes))) if validating else 0
     val_flops = sum(ranks * flop_model.batch_forward(size, context) for size in val_sizes[:sanity_batches])
+    forecast_flops = forecast_pass if sanity_batches else 0.0  # the sanity check forecasts too
+    val_flops += forecast_flops
     train_flops, steps, batches, passes, epoch = 0.0, 0, 0, 0, 0
     while (max_epochs == -1 or epoch < max_epochs) and train_sizes and (max_steps == -1 or steps < max_steps):
         for index, size in enumerate(train_sizes):
@@ -151,10 +165,12 @@ def plan_fit(config: Any, accounting: Accounting | None = None, windows: dict[st
             if validating and epoch_checks and (iteration + 1) % check_batch == 0:
                 passes += 1
                 val_flops += val_pass
+                forecast_flops += forecast_pass
             if max_steps != -1 and steps >= max_steps:
                 break
         epoch += 1
-    return FitPlan(ranks, batches, steps, passes, sanity_batches + passes * len(val_sizes), train_flops, val_flops)
+    val_batches = sanity_batches + passes * len(val_sizes)
+    return FitPlan(ranks, batches, steps, passes, val_batches, train_flops, val_flops, forecast_flops)
 
 
 _windows: dict[str, dict[str, int]] = {}  # a sweep plans many runs on the same data
@@ -166,6 +182,8 @@ def _datamodule(config: Any):
 
     arguments = config.data.as_dict() if hasattr(config.data, "as_dict") else dict(config.data)
     arguments["encoding"] = as_args(EncodingArgs, arguments["encoding"])
+    if "forecast_validation" in arguments:
+        arguments["forecast_validation"] = as_args(ForecastValidationArgs, arguments["forecast_validation"])
     data = LotkaVolterraDataModule(**arguments)
     data.prepare_data()
     return data
@@ -181,6 +199,28 @@ def count_windows(config: Any) -> dict[str, int]:
         data.setup("fit")
         _windows[key] = {split: len(data.datasets[split]) for split in ("train", "val")}
     return _windows[key]
+
+
+def validation_forecast_bound(config: Any, accounting: Accounting | None = None) -> float:
+    """The most one pass of validation forecasts (``data.forecast_validation``) can cost on every
+    device, a distributed sampler's padding included: what the budget charges before it runs."""
+    if not as_args(ForecastValidationArgs, config.data.forecast_validation).trajectories:
+        return 0.0
+    from lit_llmtime.forecast import batch_grammar, generation_shape
+
+    data = _datamodule(config)
+    data.setup("validate")
+    loaders = data.val_dataloader()
+    if not isinstance(loaders, list):
+        return 0.0
+    batch = next(iter(loaders[1]))
+    forecast = as_args(ForecastArgs, config.model.forecast)
+    grammar = batch_grammar(data.tokenizer, batch, forecast, data.encoding.decimals, batch["future"].shape[1])
+    static = forecast.compile == "on"  # "auto" compiles only on CUDA
+    shape = generation_shape(batch["input_ids"], grammar, static)
+    per_prompt = shape.flops(flop_model_of(config, accounting)) / len(batch["input_ids"])
+    ranks = world_size(config.trainer)
+    return ranks * math.ceil(len(loaders[1].dataset) / ranks) * per_prompt
 
 
 def plan_predict(config: Any, accounting: Accounting | None = None) -> tuple[int, float]:

@@ -41,6 +41,19 @@ def newest_checkpoint(name: str, missing_ok: bool = False) -> Path | None:
     return found[-1] if found else None
 
 
+def best_checkpoint(name: str) -> Path:
+    """The best checkpoint of the newest run of ``name`` by its ``checkpoint.monitor`` (e.g.
+    ``val/forecast/mase``): what ``--ckpt_path best`` means. Its last.ckpt names it."""
+    last = newest_checkpoint(name)
+    states = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+    best = [state["best_model_path"] for key, state in states.items() if key.startswith("ModelCheckpoint")]
+    if not best or not best[0] or not Path(best[0]).is_file():
+        raise FileNotFoundError(
+            f"--ckpt_path best: {last} names no best checkpoint (set checkpoint.monitor, e.g. val/forecast/mase)"
+        )
+    return Path(best[0])
+
+
 def logger_name(config: Namespace) -> str:
     """The TensorBoard run name of a parsed config (where its checkpoints go)."""
     logger = config.trainer.logger
@@ -64,11 +77,14 @@ class LitLLMTimeCLI(LightningCLI):
         parser.add_lightning_class_args(ForecastWriter, "forecast_writer")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse, then turn ``--ckpt_path last`` into the newest checkpoint of the run name, before
-        LightningCLI reads that checkpoint's hyperparameters (LoRA rank, output head, ...)."""
+        """Parse, then turn ``--ckpt_path last`` (or ``best``) into the newest (or best) checkpoint of
+        the run name, before LightningCLI reads its hyperparameters (LoRA rank, output head, ...)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else None
+        if config is not None and config.get("ckpt_path") == "best" and subcommand != "fit":
+            config.ckpt_path = str(best_checkpoint(logger_name(config)))
+            rank_zero_info(f"--ckpt_path best: {config.ckpt_path}")
         if config is None or config.get("ckpt_path") != "last":
             return
         found = newest_checkpoint(logger_name(config), missing_ok=subcommand == "fit")

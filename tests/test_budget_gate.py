@@ -46,7 +46,7 @@ def run(tmp_path, monkeypatch):
     config["model"]["model_config"] = TINY
     config["data"].update(
         data_path="lv.h5", simulate_if_missing=False, val_size=6, test_size=4, context_length=CONTEXT, batch_size=BATCH,
-        predict_indices=[34, 35, 36, 37, 38],
+        predict_indices=[34, 35, 36, 37, 38], forecast_validation={"trajectories": 0},
     )  # fmt: skip
     config["trainer"].update(
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,

@@ -13,7 +13,6 @@ from lit_llmtime.data import (
     window_starts,
 )
 from lit_llmtime.llmtime import encode
-from lit_llmtime.simulate import simulate, write_h5
 
 
 def test_evaluation_windows_score_every_token_once_and_mask_padding():
@@ -102,24 +101,6 @@ def test_datamodule_simulates_missing_file_only_when_asked(tmp_path):
     trajectories, time = load_trajectories(path)
     assert trajectories.shape == (12, 100, 2) and trajectories.dtype == np.float32
     assert list(path.parent.iterdir()) == [path]  # no temp file left behind
-
-
-def test_simulated_file_has_the_coursework_layout(tmp_path):
-    trajectories, time = simulate(n=1000, steps=100, seed=0)
-    path = write_h5(tmp_path / "lv.h5", trajectories, time)
-    with h5py.File(path) as f:
-        assert sorted(f.keys()) == ["time", "trajectories"]
-        assert f["trajectories"].dtype == np.float32 and f["trajectories"].shape == (1000, 100, 2)
-        assert f["time"].dtype == np.float64
-        np.testing.assert_array_equal(f["time"][()], np.linspace(0, 200, 100))
-        assert len(f.attrs) == 0
-    assert np.all(trajectories > 0) and np.all(np.isfinite(trajectories))
-    assert np.all((trajectories[:, 0] >= 0.8) & (trajectories[:, 0] <= 1.2))
-    # statistics near the real file's (REFERENCE.md: prey mean 1.70, predator mean 0.57, std 0.38)
-    assert 1.4 < trajectories[..., 0].mean() < 2.0
-    assert 0.45 < trajectories[..., 1].mean() < 0.7
-    assert 0.3 < trajectories[..., 1].std() < 0.5
-    assert np.array_equal(simulate(n=5, seed=4)[0], simulate(n=5, seed=4)[0])
 
 
 def _write(path, **datasets):

@@ -10,19 +10,11 @@ from lit_llmtime.cli import main
 from lit_llmtime.config import LoRAArgs
 from lit_llmtime.data import collate_prompts
 from lit_llmtime.evaluation import load_npz, summarise
-from lit_llmtime.forecast import (
-    decode_forecasts,
-    fill_invalid,
-    generate,
-    lotka_volterra_forecast,
-    metrics,
-    next_token_logits,
-    persistence,
-    reference_forecast,
-)
+from lit_llmtime.forecast import decode_forecasts, fill_invalid, generate, next_token_logits
 from lit_llmtime.grammar import LLMTimeGrammar
 from lit_llmtime.ledger import Ledger
 from lit_llmtime.llmtime import decode, encode
+from lit_llmtime.metrics import score
 from lit_llmtime.model import LLMTimeLoRA, build_base_model
 from lit_llmtime.run import lightning_cli
 from lit_llmtime.simulate import simulate
@@ -165,10 +157,10 @@ def test_every_step_is_scored_with_the_stated_rule():
     assert result.valid.tolist() == [[[False, True, False, False, True]]] and result.valid_share[0] == 0.4
     np.testing.assert_allclose(fill_invalid([[np.nan, 4.0]], [1.0, 2.0]), [[1.0, 4.0]])
     truth = np.full((5, 2), 2.0) + np.arange(5)[:, None]
-    scores = metrics(truth, result.forecast[0])
+    scores = score(truth, result.forecast[0], prompts[0])
     assert scores["prey"]["mse"] == pytest.approx(np.mean((np.array(expected)[:, 0] - truth[:, 0]) ** 2))
     with pytest.raises(ValueError, match="NaN steps"):
-        metrics(truth, np.full((5, 2), np.nan))
+        score(truth, np.full((5, 2), np.nan), prompts[0])
 
 
 def test_predict_logits_equal_validate_logits(small_h5, tmp_path):
@@ -202,28 +194,6 @@ def test_predict_logits_equal_validate_logits(small_h5, tmp_path):
     columns = torch.tensor([*range(15, 25), 13, 11, 26, 151645])
     narrow = next_token_logits(model.model, batch["input_ids"], batch["attention_mask"], columns)
     torch.testing.assert_close(narrow, validated[:, columns], rtol=0.02, atol=0.05)  # bf16 products
-
-
-def test_persistence_errors_on_a_hand_made_series():
-    prompt = np.array([[[1.0, 2.0], [3.0, 4.0]]])
-    truth = np.array([[5.0, 4.0], [3.0, 8.0]])
-    forecast = persistence(prompt, 2)[0]
-    np.testing.assert_array_equal(forecast, [[3.0, 4.0], [3.0, 4.0]])
-    scores = metrics(truth, forecast)
-    assert (scores["prey"]["mse"], scores["prey"]["mae"]) == (2.0, 1.0)  # errors 2, 0
-    assert (scores["predator"]["mse"], scores["predator"]["mae"]) == (8.0, 2.0)  # errors 0, 4
-    assert scores["prey"]["r2"] == pytest.approx(1 - 4 / 2)  # 1 - SSE / SST = 1 - (4 + 0) / (1 + 1)
-
-
-def test_ode_forecaster_recovers_clean_simulated_futures():
-    trajectories, time = simulate(n=30, seed=11)
-    forecast = lotka_volterra_forecast(trajectories[:, :50], time, 50)
-    r2 = [
-        metrics(t[50:], f)[s]["r2"] for t, f in zip(trajectories, forecast, strict=True) for s in ("prey", "predator")
-    ]
-    assert min(r2) > 0.99
-    with pytest.raises(ValueError, match="unknown reference forecaster 'arima'"):
-        reference_forecast("arima", trajectories[:, :50], time, 50)
 
 
 def test_predict_through_the_cli_writes_everything(small_h5, tmp_path, monkeypatch):
@@ -269,9 +239,11 @@ def test_encode_check_writes_figure_one(small_h5, tmp_path, capsys):
 def test_llm_and_references_are_scored_on_the_same_steps():
     rng = np.random.default_rng(0)
     truth, forecast = rng.uniform(0.5, 3, (3, 8, 2)), rng.uniform(0.5, 3, (3, 8, 2))
+    prompt = rng.uniform(0.5, 3, (3, 6, 2))
     predictions = {
         "index": np.array([4, 9, 12]), "truth": truth, "forecast": forecast, "valid_share": np.array([1, 5 / 8, 1]),
-        "references": {"persistence": forecast}, "flops": 1.0, "seconds": 0.1, "tokens": 10.0,
+        "prompt": prompt, "samples": forecast[:, None], "references": {"persistence": forecast}, "flops": 1.0,
+        "seconds": 0.1, "tokens": 10.0,
     }  # fmt: skip
     summary = summarise(predictions)
     for row, index in enumerate((4, 9, 12)):
@@ -281,6 +253,8 @@ def test_llm_and_references_are_scored_on_the_same_steps():
             assert got["mse"] == pytest.approx(np.mean((p - y) ** 2))
             assert got["mae"] == pytest.approx(np.mean(np.abs(p - y)))
             assert got["r2"] == pytest.approx(1 - np.sum((y - p) ** 2) / np.sum((y - y.mean()) ** 2))
+            assert got["mase"] == pytest.approx(got["mae"] / np.mean(np.abs(np.diff(prompt[row, :, k]))))
+            assert "crps" not in got  # one sample: no probabilistic scores
             assert summary["references"]["persistence"]["per_trajectory"][index][species] == got
     mean_r2 = np.mean([summary["model"]["per_trajectory"][i]["prey"]["r2"] for i in (4, 9, 12)])
     assert summary["model"]["mean"]["prey"]["r2"] == pytest.approx(mean_r2)

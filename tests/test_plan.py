@@ -30,6 +30,7 @@ def tiny_config(tmp_path, monkeypatch):
     config = yaml.safe_load((CONFIGS / "quickstart.yaml").read_text())
     config["model"]["model_config"] = TINY
     config["data"].update(data_path="lv.h5", simulate_if_missing=False, val_size=6, test_size=4, context_length=64)
+    config["data"]["forecast_validation"] = {"trajectories": 0}  # their own test below
     config["trainer"].update(enable_progress_bar=False, enable_model_summary=False)
     config["flop_budget"]["ledger"] = "ledger.jsonl"
     Path("tiny.yaml").write_text(yaml.safe_dump(config))
@@ -165,3 +166,23 @@ def test_planned_generation_is_what_predict_charges_before_it_runs(tiny_config, 
     charges = [e["flops"] for e in events if e.get("kind") == "generate"]
     assert trajectories == 3 and charges[0] == pytest.approx(bound, rel=1e-12)  # charged whole, before generating
     assert 0 < sum(charges) <= bound  # and what was not used came back (nothing, if every number was longest)
+
+
+def test_validation_forecasts_are_predicted_charged_before_they_run_and_refunded(tiny_config, capsys):
+    args = ["fit", *tiny_config, "--trainer.limit_train_batches=5", "--trainer.limit_val_batches=3",
+            "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--data.forecast_validation.trajectories=2",
+            "--data.forecast_validation.horizon=3", "--model.forecast.num_samples=2",
+            "--model.forecast.temperature=10", "--model.forecast.max_integer_digits=10"]  # fmt: skip
+    plan = plan_fit(resolve_run(args))
+    main(["flops", *args[1:]])
+    assert f"of it, forecasts   {plan.val_forecast_flops:.4e}" in capsys.readouterr().out
+    main(args)
+    events = [json.loads(line) for line in Path("ledger.jsonl").read_text().splitlines()]
+    charges = [e["flops"] for e in events if e.get("event") == "charge"]
+    refunds = [-flops for flops in charges if flops < 0]
+    # the sanity check and two validations forecast: each charged at its longest (10 integer digits a
+    # number), and what the longest of its rows, sampled hot, did not write refunded
+    assert plan.val_passes == 2 and plan.val_forecast_flops > 0 and len(refunds) == 3
+    assert sum(flops for flops in charges if flops > 0) == pytest.approx(plan.flops, rel=1e-12)
+    assert ledger_flops() == pytest.approx(plan.flops - sum(refunds), rel=1e-12)
+    assert 0 < sum(refunds) < plan.val_forecast_flops

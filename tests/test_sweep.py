@@ -119,6 +119,7 @@ def test_interrupted_sweep_finishes_only_the_remaining_runs(workdir):
         "overrides": {
             "trainer.max_steps": 6, "trainer.val_check_interval": 6, "trainer.limit_val_batches": 2,
             "trainer.num_sanity_val_steps": 0, "trainer.enable_progress_bar": False, "data.context_length": 32,
+            "data.forecast_validation.trajectories": 0,
         },
         "stages": [{"name": "grid", "grid": {"model.lora.rank": [2, 8]}}],
     }  # fmt: skip

@@ -17,6 +17,7 @@ def quick_args(data_path, *extra):
         "--config", CONFIG,
         f"--data.data_path={data_path}", "--data.simulate_n=40", "--data.val_size=6", "--data.test_size=4",
         "--data.context_length=64", "--trainer.limit_val_batches=3", "--trainer.log_every_n_steps=1",
+        "--data.forecast_validation.trajectories=3", "--data.forecast_validation.horizon=4",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra,
     ]  # fmt: skip
 
@@ -60,6 +61,47 @@ def test_fit_lowers_the_loss_and_logs_to_tensorboard(fitted):
         )
     )
     assert scalars(log_dir, "lr-Adam")[0][1] == pytest.approx(0.02)
+
+
+def test_fit_logs_validation_forecasts_from_step_0(fitted):
+    root, _ = fitted
+    log_dir = root / "lightning_logs" / "quickstart" / "version_0"
+    for species in ("prey", "predator"):
+        for name in ("mae", "mase", "r2", "mse"):
+            assert [step for step, _ in scalars(log_dir, f"val/forecast/{name}_{species}")] == [0, 14, 29]
+    assert [value for _, value in scalars(log_dir, "val/forecast/valid_share")] == [1.0, 1.0, 1.0]
+    mase = {step: value for step, value in scalars(log_dir, "val/forecast/mase")}
+    for step, value in mase.items():
+        by_species = [dict(scalars(log_dir, f"val/forecast/mase_{s}"))[step] for s in ("prey", "predator")]
+        assert value == pytest.approx(sum(by_species) / 2, rel=1e-5)  # each trajectory's mean, averaged
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    assert [image.step for image in events.Images("val/forecast")] == [0, 15, 30]  # after 0, 15, 30 steps
+
+
+def test_validate_forecasts_as_the_forecaster_does(fitted, monkeypatch):
+    import numpy as np
+
+    from lit_llmtime.metrics import score
+
+    root, _ = fitted
+    monkeypatch.chdir(root)
+    last = "checkpoints/quickstart/version_0/last.ckpt"
+    cli = lightning_cli(["validate", *quick_args("data/lv.h5"), f"--ckpt_path={last}"])
+    _, prompts = cli.datamodule.val_dataloader()
+    result = cli.model.forecaster(next(iter(prompts)), horizon=4)  # greedy: the very forecasts validate made
+    assert list(result.index) == list(cli.datamodule.splits["val"][:3]) and result.forecast.shape == (3, 4, 2)
+    rows = list(zip(result.truth, result.forecast, result.prompt, strict=True))
+    for species in ("prey", "predator"):
+        for name in ("mae", "mase", "r2"):
+            expected = np.nanmean([score(t, f, p)[species][name] for t, f, p in rows])
+            logged = cli.trainer.callback_metrics[f"val/forecast/{name}_{species}"].item()
+            assert logged == pytest.approx(expected, rel=1e-5)
+    sampled = lightning_cli(
+        ["validate", *quick_args("data/lv.h5"), f"--ckpt_path={last}", "--model.forecast.num_samples=3"]
+    )
+    metrics = sampled.trainer.callback_metrics
+    assert all(metrics[f"val/forecast/{name}_{s}"].item() > 0 for name in ("crps", "wql") for s in ("prey", "predator"))
 
 
 def test_checkpoint_holds_only_the_adapter(fitted):
@@ -125,3 +167,15 @@ def test_wrong_configs_stop_before_training(tmp_path, monkeypatch, extra, messag
         main(["fit", *quick_args("absent.h5", *extra)])
     assert message in str(exit_info.value)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_best_checkpoint_by_forecast_skill(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = quick_args("data/lv.h5", "--trainer.max_steps=12", "--trainer.val_check_interval=3",
+                      "--checkpoint.monitor=val/forecast/mase", "--checkpoint.mode=min")  # fmt: skip
+    lightning_cli(["fit", *args])
+    mase = scalars(tmp_path / "lightning_logs" / "quickstart" / "version_0", "val/forecast/mase")[1:]  # not step 0
+    best_step = min(mase, key=lambda pair: pair[1])[0] + 1  # logged at the step index, saved after it
+    cli = lightning_cli(["validate", *args, "--ckpt_path=best"])
+    assert torch.load(cli.config.validate.ckpt_path, weights_only=True)["global_step"] == best_step
+    assert cli.trainer.callback_metrics["val/forecast/mase"].item() == pytest.approx(min(v for _, v in mase), rel=1e-5)
