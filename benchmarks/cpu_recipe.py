@@ -1,9 +1,10 @@
-"""The CPU recipe against the untrained model, on held-out simulated trajectories (opt-in, slow).
+"""LoRA fine-tuning against the untrained model on held-out simulated trajectories (opt-in, slow).
 
 Runs, through the ``lit-llmtime`` command, ``configs/qwen2.5-0.5b/cpu-finetune.yaml`` on a real
 pretrained Qwen2.5 0.5B: forecasts of the test samples 972 and 990-999 by the untrained model,
 the LoRA fit, then forecasts by every checkpoint it saved; prints one markdown table (mean MAE,
-MASE and R² per species, wall time) for benchmarks/README.md. About 75 minutes on 2 CPU cores.
+MASE and R² per species, wall time) for benchmarks/README.md, "Forecast skill". About 75 minutes on
+2 CPU cores.
 
     python benchmarks/cpu_recipe.py ~/.cache/lit-llmtime/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 """
@@ -45,8 +46,10 @@ def main() -> None:
     args = parser.parse_args()
     if not Path(DATA).is_file():
         run("simulate", "--out", DATA, "--seed", "0")
-    common = ["--config", "configs/qwen2.5-0.5b/cpu-finetune.yaml", f"--model.model_name_or_path={args.model}",
-              f"--data.data_path={DATA}", f"--flop_budget.ledger={LEDGER}", "--trainer.enable_progress_bar=false"]  # fmt: skip
+    common = [
+        "--config", "configs/qwen2.5-0.5b/cpu-finetune.yaml", f"--model.model_name_or_path={args.model}",
+        f"--data.data_path={DATA}", f"--flop_budget.ledger={LEDGER}", "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
     rows = []
     seconds = run("predict", *common)
     summary = json.loads(newest_forecast().read_text())
