@@ -193,7 +193,8 @@ def collate_prompts(
     items: list[dict], pad_token_id: int, prompt_steps: int, time: np.ndarray, horizon: int | None = None
 ) -> dict:
     """Left-pad a batch of prompts (generation appends on the right) with an attention mask; the
-    truth after each prompt is its next ``horizon`` steps (default: all)."""
+    truth after each prompt is its next ``horizon`` steps (default: all), and a batch with a
+    ``horizon`` is forecast exactly that far (validation forecasts)."""
     length = max(len(item["input_ids"]) for item in items)
     input_ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(items), length), dtype=torch.long)
@@ -202,7 +203,7 @@ def collate_prompts(
         input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, length - len(ids) :] = 1
     trajectories = torch.from_numpy(np.stack([item["trajectory"] for item in items]).astype(np.float64))
-    return {
+    batch = {
         "index": torch.tensor([item["index"] for item in items]),
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -211,6 +212,7 @@ def collate_prompts(
         "future": trajectories[:, prompt_steps : None if horizon is None else prompt_steps + horizon],
         "time": torch.from_numpy(np.asarray(time, dtype=np.float64)),
     }
+    return batch if horizon is None else batch | {"horizon": horizon}
 
 
 class LotkaVolterraDataModule(L.LightningDataModule):

@@ -332,9 +332,8 @@ class Forecaster:
         self.decimals, self.compile = decimals, compile
 
     def horizon(self, batch: dict) -> int:
-        """Steps to forecast: ``forecast_steps``, or fewer when the batch's truth is shorter
-        (validation forecasts carry exactly their horizon)."""
-        return min(self.settings.forecast_steps, batch["future"].shape[1])
+        """Steps to forecast: the batch's own ``horizon`` (validation forecasts), else ``forecast_steps``."""
+        return int(batch["horizon"]) if "horizon" in batch else self.settings.forecast_steps
 
     def grammar(self, batch: dict, horizon: int) -> LLMTimeGrammar:
         return batch_grammar(self.tokenizer, batch, self.settings, self.decimals, horizon)

@@ -175,7 +175,7 @@ class LLMTimeLoRA(L.LightningModule):
         if dataloader_idx == 0:
             self._evaluate(batch, self.val_loss, self.val_loss_llmtime)
             return None
-        result = self.forecaster(batch, horizon=batch["future"].shape[1])
+        result = self.forecaster(batch)  # as far as the batch's horizon
         self.val_forecast.update(result)
         if self._val_figure is None:
             self._val_figure = result
@@ -252,7 +252,7 @@ class LLMTimeLoRA(L.LightningModule):
 
     def generation_shape(self, batch: dict[str, torch.Tensor]) -> GenerationShape:
         """What forecasting this batch computes at most (the FLOP budget charges it beforehand):
-        validation prompts carry their horizon, predict prompts their whole future."""
+        validation prompts carry their horizon, predict prompts go ``forecast.forecast_steps``."""
         return self.forecaster.shape(batch)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> ForecastResult:

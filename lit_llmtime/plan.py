@@ -215,7 +215,7 @@ def validation_forecast_bound(config: Any, accounting: Accounting | None = None)
         return 0.0
     batch = next(iter(loaders[1]))
     forecast = as_args(ForecastArgs, config.model.forecast)
-    grammar = batch_grammar(data.tokenizer, batch, forecast, data.encoding.decimals, batch["future"].shape[1])
+    grammar = batch_grammar(data.tokenizer, batch, forecast, data.encoding.decimals, batch["horizon"])
     static = forecast.compile == "on"  # "auto" compiles only on CUDA
     shape = generation_shape(batch["input_ids"], grammar, static)
     per_prompt = shape.flops(flop_model_of(config, accounting)) / len(batch["input_ids"])

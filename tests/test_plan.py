@@ -169,10 +169,20 @@ def test_planned_generation_is_what_predict_charges_before_it_runs(tiny_config, 
 
 
 def test_validation_forecasts_are_predicted_charged_before_they_run_and_refunded(tiny_config, capsys):
-    args = ["fit", *tiny_config, "--trainer.limit_train_batches=5", "--trainer.limit_val_batches=3",
-            "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--data.forecast_validation.trajectories=2",
-            "--data.forecast_validation.horizon=3", "--model.forecast.num_samples=2",
-            "--model.forecast.temperature=10", "--model.forecast.max_integer_digits=10"]  # fmt: skip
+    args = [
+        "fit",
+        *tiny_config,
+        "--trainer.limit_train_batches=5",
+        "--trainer.limit_val_batches=3",
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2",
+        "--data.forecast_validation.trajectories=2",
+        "--data.forecast_validation.horizon=3",
+        "--model.forecast.num_samples=2",
+        "--model.forecast.temperature=10",
+        "--model.forecast.max_integer_digits=10",
+        "--model.forecast.forecast_steps=2",
+    ]  # fmt: skip  (predict's horizon: validation goes 3)
     plan = plan_fit(resolve_run(args))
     main(["flops", *args[1:]])
     assert f"of it, forecasts   {plan.val_forecast_flops:.4e}" in capsys.readouterr().out
