@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lit_llmtime.evaluation import load_npz, merge_predictions, save_npz, summary_lines, write_forecast_outputs
 from lit_llmtime.flops import Accounting, FlopModel
 from lit_llmtime.ledger import DEFAULT_LEDGER, Budget, BudgetExhausted
-from lit_llmtime.plan import batch_sizes, limit_batches
+from lit_llmtime.plan import batch_sizes, forecast_pass_flops, limit_batches
 
 
 def all_reduce_sum(trainer: L.Trainer, values: list[float]) -> list[float]:
@@ -244,7 +244,7 @@ class FlopBudget(L.Callback):
         a distributed sampler's padding included."""
         batch = next(iter(loader))
         per_prompt = pl_module.generation_shape(batch).flops(self.flop_model) / len(batch["input_ids"])
-        return trainer.world_size * math.ceil(len(loader.dataset) / trainer.world_size) * per_prompt
+        return forecast_pass_flops(per_prompt, len(loader.dataset), trainer.world_size)
 
     def _reserve_pass(self, trainer: L.Trainer, pl_module: L.LightningModule, loaders) -> None:
         if self._stage == "fit":

@@ -201,6 +201,12 @@ def count_windows(config: Any) -> dict[str, int]:
     return _windows[key]
 
 
+def forecast_pass_flops(per_prompt: float, prompts: int, ranks: int) -> float:
+    """FLOPs of forecasting ``prompts`` prompts split over ``ranks`` devices at ``per_prompt`` each,
+    counting the prompts a distributed sampler repeats so every rank holds as many."""
+    return ranks * math.ceil(prompts / ranks) * per_prompt
+
+
 def validation_forecast_bound(config: Any, accounting: Accounting | None = None) -> float:
     """The most one pass of validation forecasts (``data.forecast_validation``) can cost on every
     device, a distributed sampler's padding included: what the budget charges before it runs."""
@@ -219,8 +225,7 @@ def validation_forecast_bound(config: Any, accounting: Accounting | None = None)
     static = forecast.compile == "on"  # "auto" compiles only on CUDA
     shape = generation_shape(batch["input_ids"], grammar, static)
     per_prompt = shape.flops(flop_model_of(config, accounting)) / len(batch["input_ids"])
-    ranks = world_size(config.trainer)
-    return ranks * math.ceil(len(loaders[1].dataset) / ranks) * per_prompt
+    return forecast_pass_flops(per_prompt, len(loaders[1].dataset), world_size(config.trainer))
 
 
 def plan_predict(config: Any, accounting: Accounting | None = None) -> tuple[int, float]:

@@ -12,8 +12,8 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from lit_llmtime.io import atomic_path  # noqa: E402
+from lit_llmtime.metrics import SPECIES  # noqa: E402
 
-SPECIES = ("prey", "predator")
 COLORS = {"truth": "black", "forecast": "tab:blue", "persistence": "tab:gray", "lotka_volterra": "tab:green"}
 
 
