@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from lit_llmtime.evaluation import load_npz, merge_predictions, save_npz, summar
 from lit_llmtime.flops import Accounting, FlopModel
 from lit_llmtime.ledger import DEFAULT_LEDGER, Budget, BudgetExhausted
 from lit_llmtime.plan import batch_sizes, forecast_pass_flops, limit_batches
+from lit_llmtime.signals import Interrupted, StopSignals, first_signal
 
 
 def all_reduce_sum(trainer: L.Trainer, values: list[float]) -> list[float]:
@@ -52,6 +54,30 @@ def flop_model_for(module: L.LightningModule, accounting: Accounting = "exact") 
     )
 
 
+def built_model(hparams: dict[str, Any]) -> str:
+    """What the module built, for the ledger: its model path, or a random model's shape."""
+    shape = hparams.get("model_config")
+    if not shape:
+        return hparams.get("model_name_or_path")
+    fields = ", ".join(f"{k}={shape[k]}" for k in ("hidden_size", "num_hidden_layers", "vocab_size") if k in shape)
+    return f"random Qwen2 ({fields}, init_seed={hparams.get('init_seed')})"
+
+
+def remove_empty_log_dir(trainer: L.Trainer) -> None:
+    """Remove the logger's version folder (and its run folder, then empty) if it holds nothing but
+    event files without events."""
+    folder = Path(getattr(trainer.logger, "log_dir", None) or "")
+    if not trainer.is_global_zero or not folder.name.startswith("version_") or not folder.is_dir():
+        return
+    files = list(folder.iterdir())
+    if all(f.name.startswith("events.out.tfevents.") and f.stat().st_size < 200 for f in files):
+        for f in files:
+            f.unlink()
+        folder.rmdir()
+        if not any(folder.parent.iterdir()):  # the run name's folder, if this was its first version
+            folder.parent.rmdir()
+
+
 class FlopBudget(L.Callback):
     """Gates every FLOP of a run on one budget that all runs of a ledger share (``ledger.Budget``).
 
@@ -59,7 +85,9 @@ class FlopBudget(L.Callback):
       durably; a batch that does not fit is not run and training stops there. While validation is
       on, one validation pass stays reserved, so the validation after a budget stop is paid for.
     - A budget stop ends cleanly: the last step is validated (when validation is on and the epoch
-      validates) and checkpointed. SIGTERM (cluster pre-emption) checkpoints too.
+      validates) and checkpointed. SIGINT and SIGTERM (Ctrl-C, cluster pre-emption) are noted
+      and carried in the all-reduce before each batch: every rank stops at the same batch, the
+      last completed step is checkpointed and ``signals.Interrupted`` raised (exit 130 or 143).
     - ``validate``/``test`` reserve their whole pass before the first batch and refuse to start
       if it does not fit; ``predict`` forecasts only the batches the budget can pay for (charged
       at their longest possible generation, the unused part refunded) and says what it cut.
@@ -93,6 +121,7 @@ class FlopBudget(L.Callback):
         self._largest_step = 0.0
         self._stage = "fit"
         self._started = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.signals = StopSignals()
 
     # -- set-up and state ----------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -157,7 +186,12 @@ class FlopBudget(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        cost = self._global_sum(trainer, self.flop_model.train_step(*batch["input_ids"].shape))
+        local = [self.flop_model.train_step(*batch["input_ids"].shape), *self.signals.flags()]
+        cost, *signals = local if trainer.world_size == 1 else all_reduce_sum(trainer, local)
+        if signum := first_signal(signals):
+            self._save_last(trainer)
+            self._describe(trainer, f"stopped: {signal.Signals(signum).name}")
+            raise Interrupted(signum, f"step {trainer.global_step} saved")
         self._step_cost = cost
         self._completes_step = self._step_ends_at(trainer, batch_idx)
         if self._charge(trainer, cost, "train", int(self._completes_step), reserve=self.val_reserve):
@@ -209,11 +243,21 @@ class FlopBudget(L.Callback):
         self._rank_zero(trainer, lambda: self.authority.reserve(self.run_id, 0.0))
         self._describe(trainer, "stopped: budget" if self.stopped_for_budget else "finished")
 
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.signals.install()  # after the Trainer registered its SIGTERM handler, which this replaces
+
+    on_train_start = on_sanity_check_start
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and self._stage == "fit":
+        if self.run_id is None:  # failed before set-up: nothing charged, no record; no empty log folder
+            remove_empty_log_dir(trainer)
+            return
+        if isinstance(exception, SIGTERMException) and self._stage == "fit":  # before this callback's handler
             self._save_last(trainer)  # pre-empted: keep what was paid for
             self._describe(trainer, "stopped: SIGTERM")
-        elif not isinstance(exception, BudgetExhausted):
+        elif isinstance(exception, Interrupted) and self._stage != "fit":
+            self._describe(trainer, f"stopped: {signal.Signals(exception.signum).name}")
+        elif not isinstance(exception, BudgetExhausted | Interrupted):
             self._describe(trainer, f"failed: {type(exception).__name__}")
 
     def _save_last(self, trainer: L.Trainer) -> None:
@@ -256,9 +300,12 @@ class FlopBudget(L.Callback):
         self._describe(trainer, "running")
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._stage != "fit":
+            self.signals.install(immediate=True)  # nothing to save: stop at once
         self._reserve_pass(trainer, pl_module, trainer.val_dataloaders)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.signals.install(immediate=True)
         self._reserve_pass(trainer, pl_module, trainer.test_dataloaders)
 
     def _charge_forward(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, forecast: bool = False):
@@ -327,6 +374,7 @@ class FlopBudget(L.Callback):
         self._generated = 0.0
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.signals.install(immediate=True)
         self._describe(trainer, "running")
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -374,7 +422,7 @@ class FlopBudget(L.Callback):
             stage=self._stage,
             status=status if self.cut is None or status.startswith(("refused", "shrunk")) else f"{status} ({self.cut})",
             config={
-                "model_name_or_path": module.hparams.get("model_name_or_path"),
+                "model_name_or_path": built_model(module.hparams),
                 "lora_rank": module.lora.rank,
                 "learning_rate": module.optim.learning_rate,
                 "context_length": data_hparams.get("context_length"),

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 from jsonargparse import auto_cli
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_llmtime.data import DEFAULT_DATA_PATH, OFFLINE_TOKENIZER, DataFileError
 from lit_llmtime.flops import Accounting
 from lit_llmtime.ledger import DEFAULT_LEDGER, Budget, Ledger, LedgerError
 from lit_llmtime.plan import flop_model_of, plan_fit, plan_predict, step_flops, world_size
 from lit_llmtime.run import LIGHTNING_SUBCOMMANDS, lightning_cli, resolve_run
+from lit_llmtime.signals import Interrupted
 
 
 def simulate(out: str = DEFAULT_DATA_PATH, n: int = 1000, steps: int = 100, seed: int = 0) -> None:
@@ -141,7 +144,7 @@ def ledger(path: str = DEFAULT_LEDGER, budget: float = 1e17) -> None:
         path: ledger file.
         budget: the FLOP budget the shares refer to.
     """
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no ledger yet (it is written by the first run with a FlopBudget)")
     print(Ledger(path).table(budget), end="")
 
@@ -233,6 +236,15 @@ def main(args: list[str] | None = None) -> None:
             auto_cli(TOOLS, args=argv, as_positional=False, prog="lit-llmtime")
     except (DataFileError, LedgerError, FileNotFoundError, ValueError) as error:
         sys.exit(f"lit-llmtime: error: {error}")
+    except Interrupted as interrupted:
+        print(f"lit-llmtime: {interrupted}", file=sys.stderr)
+        sys.exit(interrupted.exit_code)
+    except SIGTERMException:  # Lightning's handler, before the budget's replaced it
+        print("lit-llmtime: stopped by SIGTERM", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:  # before training started: nothing to save
+        print("lit-llmtime: stopped by SIGINT; nothing to save", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

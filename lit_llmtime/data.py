@@ -59,6 +59,12 @@ def load_trajectories(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         if not np.all(np.isfinite(array)):
             first = np.argwhere(~np.isfinite(array))[0].tolist()
             raise DataFileError(f"{path}: dataset '{name}' has a non-finite value at index {first}")
+    if np.any(trajectories < 0):
+        sample, step, variable = np.argwhere(trajectories < 0)[0].tolist()
+        raise DataFileError(
+            f"{path}: trajectory {sample}, step {step}, variable {variable} is {trajectories[sample, step, variable]}: "
+            "populations cannot be negative (the LLMTIME grammar and the Lotka-Volterra reference assume >= 0)"
+        )
     return trajectories, time
 
 
@@ -271,6 +277,8 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         self.hparams["forecast_validation"] = asdict(self.forecast_validation)
         if context_length < 2:
             raise ValueError(f"context_length must be at least 2 tokens, got {context_length}")
+        if predict_indices is not None and len(predict_indices) == 0:
+            raise ValueError("data.predict_indices is empty: name at least one trajectory, or leave it out")
         self.train_stride = train_stride or max(1, context_length // 2)
         self.val_stride = val_stride or context_length
         self.datasets: dict[str, Dataset] = {}
@@ -296,11 +304,6 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         """Every split's token windows; checks that one time step fits in a window."""
         hp = self.hparams
         trajectories, self.time = load_trajectories(hp.data_path)
-        if self.encoding.prompt_steps >= trajectories.shape[1]:
-            raise ValueError(
-                f"{hp.data_path}: encoding.prompt_steps={self.encoding.prompt_steps} leaves nothing to forecast "
-                f"in trajectories of {trajectories.shape[1]} steps"
-            )
         self.trajectories = trajectories
         self.splits = split_indices(len(trajectories), hp.val_size, hp.test_size, hp.seed)
         self.tokenizer = load_tokenizer(hp.tokenizer)
@@ -333,7 +336,13 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         return self._prompts(self.splits["val"][: settings.trajectories])
 
     def _prompts(self, indices: np.ndarray) -> Prompts:
+        """Prompts of the first ``prompt_steps`` of ``indices`` (what forecasting needs; training does not)."""
         steps = self.encoding.prompt_steps
+        if len(indices) and steps >= self.trajectories.shape[1]:
+            raise ValueError(
+                f"{self.hparams.data_path}: encoding.prompt_steps={steps} leaves nothing to forecast "
+                f"in trajectories of {self.trajectories.shape[1]} steps"
+            )
         texts = encode_trajectories(self.trajectories[indices, :steps], self.alphas[indices], self.encoding.decimals)
         texts = [text + STEP_SEPARATOR for text in texts]  # the model writes the next step
         token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []

@@ -15,16 +15,21 @@ exclusive lock:
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import functools
 import json
+import math
 import os
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from lit_llmtime.io import write_bytes_atomic
 
 DEFAULT_LEDGER = "lightning_logs/flop_ledger.jsonl"
 STALE_AFTER = 24 * 3600.0  # a reservation from another machine counts as dead after this many silent seconds
@@ -36,6 +41,13 @@ class LedgerError(ValueError):
 
 class BudgetExhausted(ValueError):
     """Work was refused because the FLOP budget cannot pay for it."""
+
+
+def _finite(value: Any) -> float:
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"flops must be a finite number, got {value!r}")
+    return number
 
 
 def _start_time(pid: int) -> int | None:
@@ -85,66 +97,97 @@ class Ledger:
         self._offset, self._lines = 0, 0  # bytes and lines of the file already folded into the state below
         self._records: dict[str, dict[str, Any]] = {}
         self._reservations: dict[tuple, dict[str, Any]] = {}
+        self._fragment = b""  # the last line, if it has no newline yet
+        self._view = self._records, self._reservations  # the state with that line folded in, if it parses
 
     # -- reading -------------------------------------------------------------------------------
     def _refresh(self) -> None:
-        """Fold the events appended since the last read (by any process)."""
-        if self.path is None or not self.path.is_file():
+        """Fold the events appended since the last read (by any process).
+
+        A last line without its newline is either being written right now or was left by a writer
+        that died (or a hand edit): if it parses as an event it counts, else it waits (``append``
+        moves it aside under the lock, where no one is writing)."""
+        if self.path is None or not self._exists():
             return
         with open(self.path, "rb") as f:
             f.seek(self._offset)
             data = f.read()
-        end = data.rfind(b"\n") + 1  # a line still being written by another process waits for the next read
+        end = data.rfind(b"\n") + 1
         for line in data[:end].split(b"\n")[:-1]:
             if line.strip():
-                self._fold(line.decode(), self._lines + 1)
+                self._fold(line.decode(errors="replace"), self._lines + 1, self._records, self._reservations)
             self._offset, self._lines = self._offset + len(line) + 1, self._lines + 1  # folded once, even on error
+        self._fragment = data[end:]
+        self._view = self._records, self._reservations
+        if self._fragment_event() is not None:  # counted in a copy: the next read folds it again, whole
+            self._view = copy.deepcopy(self._view)
+            self._fold(self._fragment.decode(), self._lines + 1, *self._view)
 
-    def _fold(self, line: str, number: int) -> None:
+    def _exists(self) -> bool:
+        if self.path.is_dir():
+            raise LedgerError(
+                f"{self.path} is a folder, not a ledger file: name a file, e.g. {self.path}/flop_ledger.jsonl"
+            )
+        return self.path.is_file()
+
+    def _fragment_event(self) -> dict[str, Any] | None:
+        """The unfinished last line as an event, or None if it is empty or does not parse (yet)."""
+        try:
+            event = json.loads(self._fragment.decode())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return event if isinstance(event, dict) else None
+
+    def _fold(self, line: str, number: int, records: dict, reservations: dict) -> None:
         try:
             event = json.loads(line)
             kind = event.get("event", "run")
             run_id = event["run_id"]
-            record = self._records.setdefault(run_id, {"run_id": run_id, "flops": 0.0, "steps": 0})
+            record = records.setdefault(run_id, {"run_id": run_id, "flops": 0.0, "steps": 0})
+            flops = _finite(event.get("flops", 0.0))
             if kind == "charge":
-                record["flops"] += float(event["flops"])
+                if flops < 0 and record["flops"] + flops < 1e-9 * flops:
+                    raise ValueError(
+                        f"a refund of {-flops:.4e} FLOPs exceeds the {record['flops']:.4e} {run_id!r} was charged"
+                    )
+                record["flops"] += flops
                 record["steps"] += int(event.get("steps", 0))
             elif kind == "reserve":
-                self._reservations[_key(event)] = event
+                if flops < 0:
+                    raise ValueError(f"negative reservation {flops}")
+                reservations[_key(event)] = event
             elif kind == "run":  # also an older ledger's whole record, whose flops and steps are totals
                 record.update({k: v for k, v in event.items() if k != "event"})
-                record["flops"] = float(record["flops"])
+                record["flops"] = _finite(record["flops"])
             else:
                 raise ValueError(f"unknown event {kind!r}")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
             raise LedgerError(f"{self.path}, line {number}: not a ledger record ({error})") from error
 
     def records(self) -> list[dict[str, Any]]:
         """One record per run, in the order the runs started."""
         self._refresh()
-        return sorted(self._records.values(), key=lambda r: r.get("started", ""))
+        return sorted(self._view[0].values(), key=lambda r: r.get("started", ""))
 
     def get(self, run_id: str) -> dict[str, Any] | None:
         self._refresh()
-        return self._records.get(run_id)
+        return self._view[0].get(run_id)
 
     def total(self, exclude: str | None = None) -> float:
         """FLOPs charged by every run (but ``exclude``)."""
         self._refresh()
-        return sum(r["flops"] for run_id, r in self._records.items() if run_id != exclude)
+        return sum(r["flops"] for run_id, r in self._view[0].items() if run_id != exclude)
 
     def reserved_by_others(self) -> float:
         """FLOPs that live other processes hold back."""
         self._refresh()
         me, now = _key(_process()), time.time()
-        return sum(
-            r["flops"] for key, r in self._reservations.items() if key != me and r["flops"] > 0 and _alive(r, now)
-        )
+        return sum(r["flops"] for key, r in self._view[1].items() if key != me and r["flops"] > 0 and _alive(r, now))
 
     def my_reservation(self) -> dict[str, Any] | None:
         """This process's reservation event, if it holds one."""
         self._refresh()
-        return self._reservations.get(_key(_process()))
+        return self._view[1].get(_key(_process()))
 
     # -- writing -------------------------------------------------------------------------------
     @contextmanager
@@ -153,8 +196,16 @@ class Ledger:
         if self.path is None:
             yield
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(lock_path, "a")  # noqa: SIM115 (closed below, after the lock is let go)
+        except OSError as error:
+            raise LedgerError(
+                f"cannot write the ledger's lock file {lock_path} ({error.strerror}): "
+                "choose a writable --flop_budget.ledger"
+            ) from error
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -162,20 +213,40 @@ class Ledger:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def append(self, *events: dict[str, Any]) -> None:
-        """Append whole lines and fsync them (call under ``locked``); folded at once."""
-        lines = "".join(json.dumps(event) + "\n" for event in events)
-        if self.path is not None:
-            self._refresh()
-            with open(self.path, "a") as f:
-                if f.tell() > self._offset:  # a writer died mid-line: its fragment was never a record
-                    f.truncate(self._offset)
+        """Append whole lines and fsync them (call under ``locked``); folded at once. Never drops
+        a byte: an unfinished last line that parses gets its newline; one that does not is moved
+        to a sidecar file first, with a warning naming it."""
+        lines = "".join(json.dumps(event) + "\n" for event in events).encode()
+        if self.path is None:
+            for line in lines.decode().splitlines():
+                self._lines += 1
+                self._fold(line, self._lines, self._records, self._reservations)
+            return
+        self._refresh()
+        if self._fragment and self._fragment_event() is not None:
+            lines = b"\n" + lines
+        elif self._fragment:
+            self._set_aside()
+        try:
+            with open(self.path, "ab") as f:
                 f.write(lines)
                 f.flush()
                 os.fsync(f.fileno())
-            self._offset += len(lines.encode())
-        for line in lines.splitlines():
-            self._lines += 1
-            self._fold(line, self._lines)
+        except OSError as error:
+            raise LedgerError(f"cannot append to the ledger {self.path} ({error.strerror})") from error
+        self._refresh()
+
+    def _set_aside(self) -> None:
+        """Move the unparsable last line into ``<ledger>.fragment-<offset>-<ns>`` and cut it from the ledger."""
+        sidecar = self.path.with_name(f"{self.path.name}.fragment-{self._offset}-{time.time_ns()}")
+        write_bytes_atomic(sidecar, self._fragment)
+        warnings.warn(
+            f"{self.path}: its last line had no newline and is not a record; moved to {sidecar}", stacklevel=3
+        )
+        with open(self.path, "rb+") as f:
+            f.truncate(self._offset)
+            os.fsync(f.fileno())
+        self._fragment, self._view = b"", (self._records, self._reservations)
 
     def update(self, run_id: str, **fields: Any) -> None:
         """Describe a run (name, stage, status, config, val_loss, ...)."""

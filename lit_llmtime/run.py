@@ -3,12 +3,16 @@ configuration of a run (YAML + command-line overrides + defaults) through that s
 
 from __future__ import annotations
 
+import pickle
+import sys
 import warnings
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from jsonargparse import Namespace, lazy_instance
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -31,20 +35,27 @@ TRAINER_DEFAULTS = {
 ENCODING_FIELDS = ("decimals", "scale_from", "prompt_steps")
 
 
-def newest_checkpoint(name: str, missing_ok: bool = False) -> Path | None:
-    """``checkpoints/<name>/version_<newest>/last.ckpt``: what ``--ckpt_path last`` means."""
-    found = sorted(
-        CHECKPOINT_ROOT.glob(f"{name}/version_*/last.ckpt"), key=lambda p: int(p.parent.name.removeprefix("version_"))
-    )
+def newest_checkpoint(name: str, dirpath: str | None = None, missing_ok: bool = False) -> Path | None:
+    """What ``--ckpt_path last`` means: the newest ``last*.ckpt`` in ``--checkpoint.dirpath`` when
+    it is set, else ``checkpoints/<name>/version_<newest>/last.ckpt``."""
+    if dirpath:
+        found = sorted(Path(dirpath).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        where = f"{dirpath}/last*.ckpt"
+    else:
+        found = sorted(
+            CHECKPOINT_ROOT.glob(f"{name}/version_*/last.ckpt"),
+            key=lambda p: int(p.parent.name.removeprefix("version_")),
+        )
+        where = f"{CHECKPOINT_ROOT}/{name}/version_*/last.ckpt"
     if not found and not missing_ok:
-        raise FileNotFoundError(f"--ckpt_path last: no {CHECKPOINT_ROOT}/{name}/version_*/last.ckpt (run fit first)")
+        raise FileNotFoundError(f"--ckpt_path last: no {where} (run fit first)")
     return found[-1] if found else None
 
 
-def best_checkpoint(name: str) -> Path:
+def best_checkpoint(name: str, dirpath: str | None = None) -> Path:
     """The best checkpoint of the newest run of ``name`` by its ``checkpoint.monitor`` (e.g.
     ``val/forecast/mase``): what ``--ckpt_path best`` means. Its last.ckpt names it."""
-    last = newest_checkpoint(name)
+    last = newest_checkpoint(name, dirpath)
     states = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
     best = [state["best_model_path"] for key, state in states.items() if key.startswith("ModelCheckpoint")]
     if not best or not best[0] or not Path(best[0]).is_file():
@@ -80,22 +91,37 @@ class LitLLMTimeCLI(LightningCLI):
         """Parse, then turn ``--ckpt_path last`` (or ``best``) into the newest (or best) checkpoint of
         the run name, before LightningCLI reads its hyperparameters (LoRA rank, output head, ...)."""
         super().parse_arguments(parser, args)
+        given = sys.argv[1:] if args is None else args
+        self._args = [str(arg) for arg in given] if isinstance(given, list | tuple) else []  # for the checkpoint
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else None
-        if config is not None and config.get("ckpt_path") == "best" and subcommand != "fit":
-            config.ckpt_path = str(best_checkpoint(logger_name(config)))
-            rank_zero_info(f"--ckpt_path best: {config.ckpt_path}")
-        if config is None or config.get("ckpt_path") != "last":
+        if config is None or config.get("ckpt_path") not in ("last", "best"):
             return
-        found = newest_checkpoint(logger_name(config), missing_ok=subcommand == "fit")
-        if subcommand == "fit":  # resume the newest run of this name, if any
-            rank_zero_info(
-                f"--ckpt_path last: resuming {found}" if found else "--ckpt_path last: none yet, fresh start"
-            )
-        config.ckpt_path = None if found is None else str(found)
+        dirpath = config.checkpoint.get("dirpath")
+        if config.ckpt_path == "best" and subcommand != "fit":
+            config.ckpt_path = str(best_checkpoint(logger_name(config), dirpath))
+            rank_zero_info(f"--ckpt_path best: {config.ckpt_path}")
+        elif config.ckpt_path == "last":
+            found = newest_checkpoint(logger_name(config), dirpath, missing_ok=subcommand == "fit")
+            verb = "resuming" if subcommand == "fit" else "using"  # fit: the newest run of this name, if any
+            rank_zero_info(f"--ckpt_path last: {verb} {found}" if found else "--ckpt_path last: none yet, fresh start")
+            config.ckpt_path = None if found is None else str(found)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI puts a checkpoint's hyperparameters over the config; first note what the
+        user had, so ``before_instantiate_classes`` can say what changed (or refuse)."""
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        self._user_model = None if config is None else config.model.clone()
+        try:
+            super()._parse_ckpt_path()  # the one private LightningCLI method this project overrides
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+            path = config.ckpt_path
+            raise ValueError(f"{path}: not a readable checkpoint, truncated or not a checkpoint ({error})") from error
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        if config.ckpt_path and Path(config.ckpt_path).is_file():
+            reconcile_with_checkpoint(config, self._user_model, user_set_model_keys(self._args, config))
         if self.subcommand != "fit" and config.ckpt_path:
             adopt_checkpoint(config)
         if self.subcommand == "fit" and config.flop_budget.ledger:
@@ -113,6 +139,58 @@ class LitLLMTimeCLI(LightningCLI):
         callback, logger = self.trainer.checkpoint_callback, self.trainer.logger
         if callback is not None and callback.dirpath is None and logger is not None:
             callback.dirpath = str(CHECKPOINT_ROOT / logger.name / f"version_{logger.version}")
+
+
+# A checkpoint's settings that define its weights: another value cannot load them.
+WEIGHT_DEFINING = ("model_config", "init_seed", "tokenizer", "output_vocab", "lora.rank", "lora.alpha",
+                   "lora.targets", "lora.train_lm_head_bias")  # fmt: skip
+# Settings that say where the base model is, how to run it or how to go on training: the user's win.
+USERS_CHOICE = ("model_name_or_path", "torch_dtype", "lora.dropout", "optim")
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        value = asdict(value) if is_dataclass(value) else value
+        if isinstance(value, dict) and key != "model_config":
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def user_set_model_keys(args: list[str], config: Namespace) -> set[str]:
+    """The model settings the command line or a ``--config`` file of this run sets, e.g. ``lora.rank``."""
+    keys = {arg[len("--model.") :].split("=")[0] for arg in args if arg.startswith("--model.")}
+    if any(arg.startswith("--data.tokenizer") for arg in args):
+        keys.add("tokenizer")
+    for path in config.get("config") or []:
+        loaded = yaml.safe_load(Path(str(path)).read_text()) or {}
+        keys |= set(_flat(loaded.get("model") or {}))
+        if "tokenizer" in (loaded.get("data") or {}):
+            keys.add("tokenizer")
+    return keys
+
+
+def reconcile_with_checkpoint(config: Namespace, user: Namespace, user_set: set[str]) -> None:
+    """Settle the config's model settings against the checkpoint's (which LightningCLI applied):
+    a weight-defining setting the user set to another value is refused; the user's choice of base
+    path, dtype, dropout and optimiser is kept; each difference is said in one line."""
+    trained = torch.load(config.ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    mine = _flat(user.as_dict())
+    for key, value in _flat(trained).items():
+        if key.startswith(("encoding.", "_")) or key not in mine or mine[key] == value:
+            continue  # the encoding: adopt_checkpoint
+        if key in WEIGHT_DEFINING and key in user_set:
+            raise ValueError(
+                f"{config.ckpt_path} was trained with model.{key}={value!r}, but this run sets {mine[key]!r}: "
+                f"its weights need {value!r} (set that, or leave model.{key} out)"
+            )
+        if key.startswith(USERS_CHOICE) and key in user_set:
+            config.model[key] = mine[key]
+            rank_zero_info(f"{config.ckpt_path}: trained with model.{key}={value!r}; using {mine[key]!r} as set")
+        else:
+            rank_zero_info(f"{config.ckpt_path}: using its model.{key}={value!r}")
 
 
 def adopt_checkpoint(config: Namespace) -> None:

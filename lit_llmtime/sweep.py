@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ import yaml
 from lit_llmtime.io import write_text_atomic
 from lit_llmtime.ledger import DEFAULT_LEDGER, Budget, Ledger
 from lit_llmtime.plan import plan_fit
-from lit_llmtime.run import resolve_run, run_identity
+from lit_llmtime.run import newest_checkpoint, resolve_run, run_identity
+from lit_llmtime.signals import Interrupted
 
 FINISHED = ("finished", "stopped: budget")
 REUSABLE = ("done", "done before", "would run")  # a later run with the same configuration reuses these
@@ -165,26 +167,43 @@ def run_sweep(path: str | Path, dry_run: bool = False) -> list[Run]:
                 run.status = "would run"
                 print(f"[sweep] {run.name}: would run ({run.predicted_flops:.3e} FLOPs)")
                 continue
-            checkpoints = sorted(
-                Path("checkpoints", run.name).glob("version_*/last.ckpt"), key=lambda p: int(p.parent.name[8:])
-            )
-            resume = checkpoints[-1] if checkpoints else None
+            resume = newest_checkpoint(run.name, missing_ok=True)
             print(
                 f"[sweep] {run.name}: running ({run.predicted_flops:.3e} FLOPs predicted)"
                 + (f", resuming {resume}" if resume else ""),
                 flush=True,
             )
-            result = subprocess.run([sys.executable, "-m", "lit_llmtime.cli", *_arguments(spec, run, resume)])
+            returncode = run_child([sys.executable, "-m", "lit_llmtime.cli", *_arguments(spec, run, resume)])
             run.record = _finished_record(ledger, run.name)
-            if result.returncode != 0 or run.record is None:
-                run.status = f"failed (exit {result.returncode})"
-                print(f"[sweep] {run.name}: FAILED with exit code {result.returncode}; going on", flush=True)
+            if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # the run saved its last step
+                run.status = f"stopped by {signal.Signals(returncode - 128).name}"
+                write_results(spec, runs)
+                raise Interrupted(returncode - 128, f"{run.name} saved its last step; run the sweep again to go on")
+            if returncode != 0 or run.record is None:
+                run.status = f"failed (exit {returncode})"
+                print(f"[sweep] {run.name}: FAILED with exit code {returncode}; going on", flush=True)
             else:
                 run.status = "done"
     if dry_run:
         print(f"[sweep] the runs that would run cost {planned:.3e} FLOPs in all")
     write_results(spec, runs)
     return runs
+
+
+def run_child(command: list[str]) -> int:
+    """Run ``command`` and return its exit code. Its signals are its own: Ctrl-C reaches it from
+    the terminal (the sweep ignores it meanwhile, so it neither dies first nor kills the run) and
+    a SIGTERM to the sweep is passed on, so the run saves its last step."""
+    child = subprocess.Popen(command)
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum)),
+    }
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def assumed_best(runs: list[Run]) -> tuple[dict[str, Any], Run] | None:

@@ -17,45 +17,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import BATCH, CONTEXT, LEDGER, TINY
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_llmtime.cli import main
 from lit_llmtime.flops import FlopModel
 from lit_llmtime.io import UMASK, AtomicCheckpointIO, write_text_atomic
 from lit_llmtime.ledger import Budget, Ledger
-from lit_llmtime.simulate import simulate, write_h5
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-TINY = dict(
-    vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-    num_key_value_heads=1, tie_word_embeddings=True,
-)  # fmt: skip
-CONTEXT, BATCH = 32, 2
-LEDGER = "ledger.jsonl"
 STEP = 3 * BATCH * FlopModel(TINY, lora_rank=8).forward(CONTEXT)  # one training batch of the tiny run
 FORWARD = BATCH * FlopModel(TINY, lora_rank=8).forward(CONTEXT)  # one validation batch
-
-
-@pytest.fixture
-def run(tmp_path, monkeypatch):
-    """``lit-llmtime`` arguments of a tiny fit in a scratch folder: 16-wide model, 40 trajectories,
-    context 32, no validation unless asked, a checkpoint every step."""
-    monkeypatch.chdir(tmp_path)
-    write_h5("lv.h5", *simulate(n=40, seed=3))
-    config = yaml.safe_load((CONFIGS / "quickstart.yaml").read_text())
-    config["model"]["model_config"] = TINY
-    config["data"].update(
-        data_path="lv.h5", simulate_if_missing=False, val_size=6, test_size=4, context_length=CONTEXT, batch_size=BATCH,
-        predict_indices=[34, 35, 36, 37, 38], forecast_validation={"trajectories": 0},
-    )  # fmt: skip
-    config["trainer"].update(
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        val_check_interval=None, log_every_n_steps=1,
-    )  # fmt: skip
-    config["checkpoint"] = {"every_n_train_steps": 1, "save_last": True, "save_top_k": 0, "monitor": None}
-    config["flop_budget"] = {"ledger": LEDGER}
-    Path("tiny.yaml").write_text(yaml.safe_dump(config))
-    return ["--config", "tiny.yaml"]
 
 
 def spawn(args: list[str]) -> subprocess.Popen:
@@ -211,17 +183,63 @@ def prompt_length(run) -> int:
     return max(len(ids) for ids in data.datasets["predict"].token_ids)
 
 
-def test_sigterm_checkpoints_then_resume_continues(run):
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_checkpoints_the_last_step_exits_non_zero_and_resume_continues(run, signum, code):
     process = spawn(["fit", *run, "--trainer.max_steps=60"])
     wait_for_steps(6, process)
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=60)
+    os.killpg(process.pid, signum)  # Ctrl-C reaches the whole process group too
+    assert process.wait(timeout=60) == code
     (record,) = Ledger(LEDGER).records()
     saved = checkpoint_step(next(Path("checkpoints").rglob("last.ckpt")))
-    assert record["status"] == "stopped: SIGTERM" and saved == record["steps"]  # every paid step kept
+    name = signal.Signals(signum).name
+    assert record["status"] == f"stopped: {name}" and saved == record["steps"]  # every paid step kept
+    assert process.stderr.read().decode().splitlines()[-1] == f"lit-llmtime: stopped by {name}; step {saved} saved"
     main(["fit", *run, "--trainer.max_steps=60", "--ckpt_path=last"])
     (resumed,) = Ledger(LEDGER).records()
     assert resumed["steps"] == 60 and resumed["flops"] == pytest.approx(60 * STEP, rel=1e-12)
+
+
+def test_ckpt_path_last_looks_where_this_run_saves(run, caplog):
+    main(["fit", *run, "--trainer.max_steps=3"])  # an older run of the same name, in checkpoints/
+    main(["fit", *run, "--trainer.max_steps=2", "--checkpoint.dirpath=elsewhere"])
+    caplog.set_level("INFO")
+    main(["fit", *run, "--trainer.max_steps=4", "--checkpoint.dirpath=elsewhere", "--ckpt_path=last"])
+    assert "--ckpt_path last: resuming elsewhere/last.ckpt" in caplog.text
+    assert sorted(p.name for p in Path("elsewhere").glob("last*")) == ["last.ckpt"]  # no last-v1.ckpt beside it
+    assert checkpoint_step("elsewhere/last.ckpt") == 4
+    assert checkpoint_step(next(Path("checkpoints").rglob("last.ckpt"))) == 3  # the other run is untouched
+
+
+def rank_pid(process: subprocess.Popen, rank: int, timeout: float = 120) -> int:
+    """The pid of a DDP run's rank ``rank`` (> 0): a process the launcher started with LOCAL_RANK set."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for child in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split():
+            try:
+                if f"LOCAL_RANK={rank}".encode() in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+                    return int(child)
+            except OSError:
+                continue  # a short-lived helper that has gone
+        time.sleep(0.05)
+    raise AssertionError(f"rank {rank} never started")
+
+
+@pytest.mark.timeout(240)  # a hang must fail, not block CI
+@pytest.mark.parametrize("target", ["one rank", "every rank"])
+def test_sigterm_under_ddp_stops_every_rank_at_the_same_step(run, target):
+    process = spawn(["fit", *run, "--trainer.max_steps=200", "--trainer.devices=2", "--trainer.strategy=ddp",
+                     "--trainer.accelerator=cpu"])  # fmt: skip
+    rank1 = rank_pid(process, 1)
+    wait_for_steps(3, process)
+    if target == "one rank":
+        os.kill(rank1, signal.SIGTERM)  # the rank that is not rank 0: Lightning's handler hung them all
+    else:
+        os.killpg(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=120) == 143, process.stderr.read().decode()[-3000:]
+    (record,) = Ledger(LEDGER).records()
+    saved = checkpoint_step(next(Path("checkpoints").rglob("last.ckpt")))
+    assert record["status"] == "stopped: SIGTERM" and saved == record["steps"] < 200
+    assert record["flops"] == pytest.approx(saved * 2 * STEP, rel=1e-12)  # both ranks stopped at one batch
 
 
 def test_ddp_through_the_entry_point_charges_the_global_count_once(run):

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lit_llmtime.cli import main
@@ -139,6 +140,33 @@ def test_interrupted_sweep_finishes_only_the_remaining_runs(workdir):
     assert sorted(r["name"] for r in finished) == [f"mini-grid-rank={r}" for r in (2, 8)]
     assert next(r for r in finished if r["name"] == first[0]["name"])["started"] == first[0]["started"]
     assert [p.name for p in Path("checkpoints", first[0]["name"]).iterdir()] == ["version_0"]  # not run again
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_sweep_lets_its_run_save_and_the_sweep_exits_143(workdir):
+    spec = {
+        "name": "term", "base": "configs/quickstart.yaml", "ledger": "term.jsonl",
+        "overrides": {
+            "trainer.max_steps": 400, "trainer.limit_val_batches": 0, "trainer.num_sanity_val_steps": 0,
+            "trainer.enable_progress_bar": False, "data.context_length": 32, "data.forecast_validation.trajectories": 0,
+        },
+        "stages": [{"name": "grid", "grid": {"model.lora.rank": [2, 8]}}],
+    }  # fmt: skip
+    Path("term.yaml").write_text(yaml.safe_dump(spec))
+    command = [sys.executable, "-m", "lit_llmtime.cli", "sweep", "--config", "term.yaml"]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while sum(r["steps"] for r in Ledger("term.jsonl").records()) < 3:
+        assert time.time() < deadline and process.poll() is None, process.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # the sweep alone, as a scheduler that signals the job's main process
+    assert process.wait(timeout=120) == 143
+    (record,) = Ledger("term.jsonl").records()  # the second run never started
+    saved = torch.load(next(Path("checkpoints").rglob("last.ckpt")), weights_only=False)["global_step"]
+    assert record["status"] == "stopped: SIGTERM" and record["steps"] == saved > 0
+    assert process.stderr.read().decode().splitlines()[-1] == (
+        "lit-llmtime: stopped by SIGTERM; term-grid-rank=2 saved its last step; run the sweep again to go on"
+    )
 
 
 def test_overrides_reach_sections_the_base_lacks(workdir):
