@@ -112,6 +112,7 @@ class LLMTimeLoRA(L.LightningModule):
         )
         lora = self.lora
         apply_lora(self.model, lora.targets, lora.rank, lora.alpha, lora.dropout, lora.train_lm_head_bias)
+        self.model.train()  # from_pretrained leaves the base in eval mode (Lightning warns); Qwen2 has no dropout
         self.val_loss, self.val_loss_llmtime, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_forecast = ForecastSkill(sampled=self.forecast.num_samples > 1)
         self.strict_loading = False  # checkpoints hold only the trainable tensors

@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_llmtime.callbacks import FlopBudget, ForecastWriter
+from lit_llmtime.console import quiet_lightning, use_project_console
 from lit_llmtime.data import LotkaVolterraDataModule
 from lit_llmtime.io import AtomicCheckpointIO
 from lit_llmtime.ledger import Budget, BudgetExhausted
@@ -121,7 +122,7 @@ class LitLLMTimeCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         if config.ckpt_path and Path(config.ckpt_path).is_file():
-            reconcile_with_checkpoint(config, self._user_model, user_set_model_keys(self._args, config))
+            reconcile_with_checkpoint(config, self._user_model, *user_set_model_keys(self._args, config))
         if self.subcommand != "fit" and config.ckpt_path:
             adopt_checkpoint(config)
         if self.subcommand == "fit" and config.flop_budget.ledger:
@@ -132,6 +133,9 @@ class LitLLMTimeCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        use_project_console(trainer)
+        if self.subcommand != "fit":  # only fit saves checkpoints; restoring the callback's state only warns
+            trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
         return trainer
 
     def before_fit(self) -> None:
@@ -159,38 +163,41 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def user_set_model_keys(args: list[str], config: Namespace) -> set[str]:
-    """The model settings the command line or a ``--config`` file of this run sets, e.g. ``lora.rank``."""
-    keys = {arg[len("--model.") :].split("=")[0] for arg in args if arg.startswith("--model.")}
+def user_set_model_keys(args: list[str], config: Namespace) -> tuple[set[str], set[str]]:
+    """The model settings (e.g. ``lora.rank``) this run's command line sets, and those its
+    ``--config`` files set."""
+    typed = {arg[len("--model.") :].split("=")[0] for arg in args if arg.startswith("--model.")}
     if any(arg.startswith("--data.tokenizer") for arg in args):
-        keys.add("tokenizer")
+        typed.add("tokenizer")
+    files = set()
     for path in config.get("config") or []:
         loaded = yaml.safe_load(Path(str(path)).read_text()) or {}
-        keys |= set(_flat(loaded.get("model") or {}))
+        files |= set(_flat(loaded.get("model") or {}))
         if "tokenizer" in (loaded.get("data") or {}):
-            keys.add("tokenizer")
-    return keys
+            files.add("tokenizer")
+    return typed, files
 
 
-def reconcile_with_checkpoint(config: Namespace, user: Namespace, user_set: set[str]) -> None:
-    """Settle the config's model settings against the checkpoint's (which LightningCLI applied):
-    a weight-defining setting the user set to another value is refused; the user's choice of base
-    path, dtype, dropout and optimiser is kept; each difference is said in one line."""
+def reconcile_with_checkpoint(config: Namespace, user: Namespace, typed: set[str], in_files: set[str]) -> None:
+    """Settle the model settings against the checkpoint's (which LightningCLI applied), one line
+    each: a weight-defining setting typed on this command line with another value is refused (one
+    from a config file gives way, as when the fit overrode it); where the base model lives, its
+    dtype, dropout and the optimiser settings are the user's."""
     trained = torch.load(config.ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
     mine = _flat(user.as_dict())
     for key, value in _flat(trained).items():
         if key.startswith(("encoding.", "_")) or key not in mine or mine[key] == value:
             continue  # the encoding: adopt_checkpoint
-        if key in WEIGHT_DEFINING and key in user_set:
+        if key in WEIGHT_DEFINING and key in typed:
             raise ValueError(
                 f"{config.ckpt_path} was trained with model.{key}={value!r}, but this run sets {mine[key]!r}: "
-                f"its weights need {value!r} (set that, or leave model.{key} out)"
+                f"its weights need {value!r} (set that, or leave --model.{key} out)"
             )
-        if key.startswith(USERS_CHOICE) and key in user_set:
+        if key.startswith(USERS_CHOICE) and key in typed | in_files:
             config.model[key] = mine[key]
             rank_zero_info(f"{config.ckpt_path}: trained with model.{key}={value!r}; using {mine[key]!r} as set")
-        else:
-            rank_zero_info(f"{config.ckpt_path}: using its model.{key}={value!r}")
+        elif key in WEIGHT_DEFINING:
+            rank_zero_info(f"{config.ckpt_path}: using its model.{key}={value!r}, not {mine[key]!r}")
 
 
 def adopt_checkpoint(config: Namespace) -> None:
@@ -225,6 +232,7 @@ def refuse_unaffordable(config: Namespace) -> None:
 
 def lightning_cli(args: list[str] | None = None, cli_class: type[LightningCLI] = LitLLMTimeCLI) -> LightningCLI:
     """Run ``fit``/``validate``/``test``/``predict`` with ``args`` (a YAML via ``--config``)."""
+    quiet_lightning()
     return cli_class(
         LLMTimeLoRA,
         LotkaVolterraDataModule,

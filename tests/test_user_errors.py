@@ -38,11 +38,11 @@ def test_mistakes_with_a_checkpoint_are_one_line_and_spend_nothing(trained, capl
     )
     assert fails(["validate", *run, f"--ckpt_path={checkpoint}", "--model.lora.rank=4"]) == (
         f"lit-llmtime: error: {checkpoint} was trained with model.lora.rank=8, but this run sets 4: "
-        "its weights need 8 (set that, or leave model.lora.rank out)"
+        "its weights need 8 (set that, or leave --model.lora.rank out)"
     )
     assert fails(["fit", *run, f"--ckpt_path={checkpoint}", "--model.output_vocab=llmtime"]).endswith(
         "was trained with model.output_vocab='full', but this run sets 'llmtime': its weights need 'full' "
-        "(set that, or leave model.output_vocab out)"
+        "(set that, or leave --model.output_vocab out)"
     )
     assert fails(["predict", *run, "--data.predict_indices=[]"]) == (
         "lit-llmtime: error: data.predict_indices is empty: name at least one trajectory, or leave it out"
