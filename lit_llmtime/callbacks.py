@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_llmtime.evaluation import load_npz, merge_predictions, save_npz, summary_lines, write_forecast_outputs
 from lit_llmtime.flops import Accounting, FlopModel
-from lit_llmtime.ledger import DEFAULT_LEDGER, Budget, BudgetExhausted
+from lit_llmtime.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, BudgetExhausted
 from lit_llmtime.plan import batch_sizes, forecast_pass_flops, limit_batches
 from lit_llmtime.signals import Interrupted, StopSignals, first_signal
 
@@ -105,7 +105,7 @@ class FlopBudget(L.Callback):
 
     def __init__(
         self,
-        budget: float = 1e17,
+        budget: float = DEFAULT_BUDGET,
         ledger: str | None = DEFAULT_LEDGER,
         run_name: str | None = None,
         accounting: Accounting = "exact",

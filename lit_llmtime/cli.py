@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_llmtime.data import DEFAULT_DATA_PATH, OFFLINE_TOKENIZER, DataFileError
 from lit_llmtime.flops import Accounting
-from lit_llmtime.ledger import DEFAULT_LEDGER, Budget, Ledger, LedgerError
+from lit_llmtime.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, Ledger, LedgerError
 from lit_llmtime.plan import flop_model_of, plan_fit, plan_predict, step_flops, world_size
 from lit_llmtime.run import LIGHTNING_SUBCOMMANDS, lightning_cli, resolve_run
 from lit_llmtime.signals import Interrupted
@@ -137,7 +137,7 @@ def flops(args: list[str], accounting: Accounting | None = None) -> None:
     print(f"  ledger {budget_args.ledger}: {spent:.4e} spent, {left:.4e} left")
 
 
-def ledger(path: str = DEFAULT_LEDGER, budget: float = 1e17) -> None:
+def ledger(path: str = DEFAULT_LEDGER, budget: float = DEFAULT_BUDGET) -> None:
     """Print the FLOP ledger as the report's Table 6 (markdown).
 
     Args:
@@ -168,7 +168,7 @@ def sweep(run_config: str, dry_run: bool = False) -> None:
 def report(
     out: str = "reports/report",
     ledger: str = DEFAULT_LEDGER,
-    budget: float = 1e17,
+    budget: float = DEFAULT_BUDGET,
     sweeps: list[str] | None = None,
     final_run: str | None = None,
     forecast: str | None = None,

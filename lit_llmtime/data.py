@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import h5py
 import lightning as L
@@ -136,25 +137,33 @@ def window_starts(length: int, context_length: int, stride: int, cover_end: bool
 
 
 def chunk_windows(
-    token_ids: list[list[int]], context_length: int, stride: int, pad_token_id: int, cover_end: bool = True
+    token_ids: list[list[int]],
+    context_length: int,
+    stride: int,
+    pad_token_id: int,
+    cover_end: bool = True,
+    labels_from: list[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Windows of ``context_length`` tokens (see ``window_starts``), right-padded where a sequence
     is shorter; padding gets attention mask 0 and label -100, so it never counts in the loss
-    (the coursework skeleton trained on it)."""
+    (the coursework skeleton trained on it). With ``labels_from``, a sequence's tokens before that
+    position are context only (label -100), e.g. a trajectory's prompt steps."""
     if context_length < 1 or stride < 1:
         raise ValueError(f"context_length and stride must be >= 1, got {context_length}, {stride}")
+    labels_from = [0] * len(token_ids) if labels_from is None else labels_from
     windows = [
-        ids[start : start + context_length]
-        for ids in token_ids
+        (ids[start : start + context_length], first - start)
+        for ids, first in zip(token_ids, labels_from, strict=True)
         if len(ids) >= 2
         for start in window_starts(len(ids), context_length, stride, cover_end)
     ]
     input_ids = torch.full((len(windows), context_length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(windows), context_length), dtype=torch.long)
-    for row, window in enumerate(windows):
+    labels = torch.full((len(windows), context_length), IGNORE_INDEX, dtype=torch.long)
+    for row, (window, first) in enumerate(windows):
         input_ids[row, : len(window)] = torch.tensor(window, dtype=torch.long)
         attention_mask[row, : len(window)] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        labels[row, max(first, 0) : len(window)] = input_ids[row, max(first, 0) : len(window)]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -247,6 +256,10 @@ class LotkaVolterraDataModule(L.LightningDataModule):
             ``context_length`` exceeds a trajectory's text (about 1,000 tokens).
         forecast_validation: validation trajectories forecast at every validation (a second
             validation loader of prompts, one batch), so forecast skill is logged beside the loss.
+        train_loss: the training tokens the loss counts: ``all`` (as the report) or ``forecast``
+            (only those after each trajectory's first ``encoding.prompt_steps`` steps, the part a
+            forecast writes, as Chronos trains; the prompt steps are context). Validation and test
+            losses count every token either way, so they stay comparable.
     """
 
     def __init__(
@@ -268,6 +281,7 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         predict_batch_size: int | None = None,
         packing: bool = False,
         forecast_validation: ForecastValidationArgs = ForecastValidationArgs(),  # noqa: B008
+        train_loss: Literal["all", "forecast"] = "all",
     ) -> None:
         super().__init__()
         self.encoding = as_args(EncodingArgs, encoding)
@@ -277,6 +291,8 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         self.hparams["forecast_validation"] = asdict(self.forecast_validation)
         if context_length < 2:
             raise ValueError(f"context_length must be at least 2 tokens, got {context_length}")
+        if train_loss == "forecast" and packing:
+            raise ValueError("data.train_loss=forecast needs each trajectory in its own windows: set packing false")
         if predict_indices is not None and len(predict_indices) == 0:
             raise ValueError("data.predict_indices is empty: name at least one trajectory, or leave it out")
         self.train_stride = train_stride or max(1, context_length // 2)
@@ -319,10 +335,15 @@ class LotkaVolterraDataModule(L.LightningDataModule):
                     f"context_length={hp.context_length} is shorter than one time step "
                     f"(about {tokens_per_step} tokens in {hp.data_path})"
                 )
+            labels_from = None
             if split == "train" and hp.packing:
                 token_ids = pack(token_ids, self.tokenizer.eos_token_id)
+            elif split == "train" and hp.train_loss == "forecast":
+                labels_from = [len(ids) for ids in self._prompts(indices).token_ids]
             pad = self.tokenizer.pad_token_id
-            windows = chunk_windows(token_ids, hp.context_length, strides[split], pad, cover_end=split == "train")
+            windows = chunk_windows(
+                token_ids, hp.context_length, strides[split], pad, cover_end=split == "train", labels_from=labels_from
+            )
             self.datasets[split] = TokenWindows(windows)
 
     def _validation_prompts(self) -> Prompts:

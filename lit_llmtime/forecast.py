@@ -19,6 +19,8 @@ from lit_llmtime.grammar import LLMTimeGrammar
 from lit_llmtime.llmtime import decode
 from lit_llmtime.references import reference_forecast
 
+PROMPT_PAD, CACHE_PAD = 64, 256  # static cache (compiled generation): prompt and capacity multiples
+
 
 @dataclass  # not frozen: Lightning rebuilds dataclasses in step outputs (apply_to_collection)
 class GenerationShape:
@@ -57,7 +59,7 @@ def generation_shape(input_ids: torch.Tensor, grammar: LLMTimeGrammar, static: b
     length = input_ids.shape[1]
     return GenerationShape(
         rows=len(grammar.state),
-        prompt_tokens=length + (-length % 64 if static else 0),  # the static cache's padding (see _Decoder)
+        prompt_tokens=length + (-length % PROMPT_PAD if static else 0),  # the static cache's padding (see _Decoder)
         max_new_tokens=grammar.steps * grammar.max_step_tokens,
         head_rows=None if grammar.mode == "none" else len(grammar.token_ids),
     )
@@ -112,18 +114,18 @@ def next_token_logits(
 class _Decoder:
     """One new token per row through the model and its cache: a dynamic cache that grows, or
     (``static``) a preallocated one with every shape fixed, so ``torch.compile`` (CUDA graphs)
-    compiles the step once. Prompts are left-padded to a multiple of 64 and the cache to one of
-    256, so batches of similar prompts reuse the compiled step."""
+    compiles the step once. Prompts are left-padded to a multiple of ``PROMPT_PAD`` and the cache to one of
+    ``CACHE_PAD``, so batches of similar prompts reuse the compiled step."""
 
     def __init__(self, model: nn.Module, input_ids, attention_mask, max_new_tokens: int, static: bool, compile: bool):
         self.decoder = model.get_decoder()
         if static:
-            pad = -input_ids.shape[1] % 64
+            pad = -input_ids.shape[1] % PROMPT_PAD
             input_ids = nn.functional.pad(input_ids, (pad, 0), value=0)
             attention_mask = nn.functional.pad(attention_mask, (pad, 0), value=0)
         self.input_ids, self.length, self.static = input_ids, input_ids.shape[1], static
         if static:
-            capacity = -(-(self.length + max_new_tokens) // 256) * 256
+            capacity = -(-(self.length + max_new_tokens) // CACHE_PAD) * CACHE_PAD
             self.cache = StaticCache(config=model.config, max_cache_len=capacity)
             self.mask = attention_mask.new_zeros(len(input_ids), capacity)
             self.mask[:, : self.length] = attention_mask

@@ -32,6 +32,7 @@ from typing import Any
 from lit_llmtime.io import write_bytes_atomic
 
 DEFAULT_LEDGER = "lightning_logs/flop_ledger.jsonl"
+DEFAULT_BUDGET = 1e17  # FLOPs for all runs of a ledger together: the coursework's
 STALE_AFTER = 24 * 3600.0  # a reservation from another machine counts as dead after this many silent seconds
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_llmtime.io import write_text_atomic
-from lit_llmtime.ledger import Ledger
+from lit_llmtime.ledger import DEFAULT_BUDGET, Ledger
 
 
 def read_scalars(log_dir: str | Path, tag: str) -> tuple[list[int], list[float]]:
@@ -49,7 +49,7 @@ def plot_loss_curves(log_dir: str | Path, folder: Path) -> list[Path]:
 def build_report(
     ledger: str | Path,
     out: str | Path,
-    budget: float = 1e17,
+    budget: float = DEFAULT_BUDGET,
     sweeps: list[str] | None = None,
     final_run: str | None = None,
     forecast: str | None = None,

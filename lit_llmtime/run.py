@@ -6,7 +6,7 @@ from __future__ import annotations
 import pickle
 import sys
 import warnings
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_llmtime.callbacks import FlopBudget, ForecastWriter
+from lit_llmtime.config import EncodingArgs
 from lit_llmtime.console import quiet_lightning, use_project_console
 from lit_llmtime.data import LotkaVolterraDataModule
 from lit_llmtime.io import AtomicCheckpointIO
@@ -33,7 +34,7 @@ CHECKPOINT_ROOT = Path("checkpoints")
 TRAINER_DEFAULTS = {
     "logger": lazy_instance(TensorBoardLogger, save_dir="lightning_logs", name="llmtime", default_hp_metric=False),
 }
-ENCODING_FIELDS = ("decimals", "scale_from", "prompt_steps")
+ENCODING_FIELDS = tuple(field.name for field in fields(EncodingArgs))
 
 
 def newest_checkpoint(name: str, dirpath: str | None = None, missing_ok: bool = False) -> Path | None:

