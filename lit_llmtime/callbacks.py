@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lit_llmtime.evaluation import load_npz, merge_predictions, save_npz, summary_lines, write_forecast_outputs
 from lit_llmtime.flops import Accounting, FlopModel
 from lit_llmtime.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, BudgetExhausted
-from lit_llmtime.plan import batch_sizes, forecast_pass_flops, limit_batches
+from lit_llmtime.plan import batch_sizes, forecast_pass_flops, limit_batches, run_flop_model
 from lit_llmtime.signals import Interrupted, StopSignals, first_signal
 
 
@@ -42,16 +42,8 @@ def all_reduce_sum(trainer: L.Trainer, values: list[float]) -> list[float]:
 
 
 def flop_model_for(module: L.LightningModule, accounting: Accounting = "exact") -> FlopModel:
-    """The FLOP model of an ``LLMTimeLoRA``'s base config and LoRA settings."""
-    lora = module.lora
-    return FlopModel(
-        module.model.config,
-        lora_rank=lora.rank,
-        lora_targets=lora.targets,
-        lm_head_bias=lora.train_lm_head_bias,
-        accounting=accounting,
-        train_head_rows=None if module.head_rows is None else len(module.head_rows),
-    )
+    """The FLOP model of an ``LLMTimeLoRA`` (``plan.run_flop_model`` of its base config and settings)."""
+    return run_flop_model(module.model.config, module.lora, module.hparams.output_vocab, accounting)
 
 
 def built_model(hparams: dict[str, Any]) -> str:

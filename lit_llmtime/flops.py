@@ -223,19 +223,25 @@ class FlopModel:
         return 3 * batch_size * self.forward(tokens, head_rows=self.train_head_rows)
 
     def generation(
-        self, prompt_tokens: int, new_tokens: int, kv_cache: bool = True, head_rows: int | None = None
+        self,
+        prompt_tokens: int,
+        new_tokens: int,
+        kv_cache: bool = True,
+        head_rows: int | None = None,
+        cache_tokens: int | None = None,
     ) -> float:
         """FLOPs of generating ``new_tokens`` after a prompt, for one sequence.
 
         With the KV cache: a prefill of the prompt (logits for its last position only), then one
-        forward per further token over the cache; the last token needs no forward after it.
-        Without it, every new token re-runs the whole sequence so far.
+        forward per further token over the cache; the last token needs no forward after it. A
+        preallocated (static) cache of ``cache_tokens`` positions is attended whole, masked, by the
+        prefill and by every step. Without a cache, every new token re-runs the whole sequence so far.
         """
         if new_tokens <= 0:
             return 0.0
         if kv_cache:
-            total = self.forward(prompt_tokens, logits=1, head_rows=head_rows)
+            total = self.forward(prompt_tokens, keys=cache_tokens, logits=1, head_rows=head_rows)
             for step in range(1, new_tokens):
-                total += self.forward(1, keys=prompt_tokens + step, head_rows=head_rows)
+                total += self.forward(1, keys=cache_tokens or prompt_tokens + step, head_rows=head_rows)
             return total
         return sum(self.forward(prompt_tokens + step, logits=1, head_rows=head_rows) for step in range(new_tokens))

@@ -30,11 +30,25 @@ class GenerationShape:
     prompt_tokens: int  # padded prompt length
     max_new_tokens: int
     head_rows: int | None  # output-matrix rows computed per new token (None: the whole vocabulary)
+    cache_tokens: int | None = None  # a static cache's capacity, attended whole at every step
 
     def flops(self, flop_model: FlopModel, new_tokens: int | None = None) -> float:
         """FLOPs of this generation: at most, or with ``new_tokens`` tokens written per row."""
         tokens = self.max_new_tokens if new_tokens is None else new_tokens
-        return self.rows * flop_model.generation(self.prompt_tokens, tokens, head_rows=self.head_rows)
+        return self.rows * flop_model.generation(
+            self.prompt_tokens, tokens, head_rows=self.head_rows, cache_tokens=self.cache_tokens
+        )
+
+
+def static_generation(compile: str, on_cuda: bool) -> bool:
+    """Whether generation runs on a static KV cache with a compiled step (``forecast.compile``:
+    ``on``, ``off``, or ``auto``: on CUDA)."""
+    return compile == "on" or (compile == "auto" and on_cuda)
+
+
+def cache_capacity(prompt_tokens: int, max_new_tokens: int) -> int:
+    """Positions of the static cache for a (padded) prompt and the tokens to write after it."""
+    return -(-(prompt_tokens + max_new_tokens) // CACHE_PAD) * CACHE_PAD
 
 
 def batch_grammar(
@@ -57,11 +71,14 @@ def batch_grammar(
 def generation_shape(input_ids: torch.Tensor, grammar: LLMTimeGrammar, static: bool) -> GenerationShape:
     """What generating a batch computes at most: every step written with the longest numbers."""
     length = input_ids.shape[1]
+    prompt_tokens = length + (-length % PROMPT_PAD if static else 0)  # the static cache's padding (see _Decoder)
+    max_new_tokens = grammar.steps * grammar.max_step_tokens
     return GenerationShape(
         rows=len(grammar.state),
-        prompt_tokens=length + (-length % PROMPT_PAD if static else 0),  # the static cache's padding (see _Decoder)
-        max_new_tokens=grammar.steps * grammar.max_step_tokens,
+        prompt_tokens=prompt_tokens,
+        max_new_tokens=max_new_tokens,
         head_rows=None if grammar.mode == "none" else len(grammar.token_ids),
+        cache_tokens=cache_capacity(prompt_tokens, max_new_tokens) if static else None,
     )
 
 
@@ -125,7 +142,7 @@ class _Decoder:
             attention_mask = nn.functional.pad(attention_mask, (pad, 0), value=0)
         self.input_ids, self.length, self.static = input_ids, input_ids.shape[1], static
         if static:
-            capacity = -(-(self.length + max_new_tokens) // CACHE_PAD) * CACHE_PAD
+            capacity = cache_capacity(self.length, max_new_tokens)
             self.cache = StaticCache(config=model.config, max_cache_len=capacity)
             self.mask = attention_mask.new_zeros(len(input_ids), capacity)
             self.mask[:, : self.length] = attention_mask

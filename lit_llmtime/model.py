@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from lit_llmtime.config import DEFAULT_MODEL, EncodingArgs, ForecastArgs, LoRAArgs, OptimArgs, as_args
 from lit_llmtime.data import IGNORE_INDEX, OFFLINE_TOKENIZER, load_tokenizer
-from lit_llmtime.forecast import Forecaster, ForecastResult, GenerationShape, StepProgress
+from lit_llmtime.forecast import Forecaster, ForecastResult, GenerationShape, StepProgress, static_generation
 from lit_llmtime.gguf import check_tokenizer_agrees, is_gguf, load_gguf_model
 from lit_llmtime.grammar import EOS, single_token_ids
 from lit_llmtime.llmtime import ALPHABET
@@ -244,7 +244,7 @@ class LLMTimeLoRA(L.LightningModule):
 
     def compiled_generation(self) -> bool:
         """Static KV cache and a compiled decoding step (``forecast.compile``; ``auto``: on CUDA)."""
-        return self.forecast.compile == "on" or (self.forecast.compile == "auto" and self.device.type == "cuda")
+        return static_generation(self.forecast.compile, self.device.type == "cuda")
 
     @property
     def forecaster(self) -> Forecaster:

@@ -50,18 +50,34 @@ def base_config(model_name_or_path: str, model_config: dict | None) -> Any:
     return AutoConfig.from_pretrained(model_name_or_path)
 
 
-def flop_model_of(config: Any, accounting: Accounting | None = None) -> FlopModel:
-    """The FLOP model of a resolved run configuration (its model and LoRA settings)."""
-    model = config.model
-    lora = as_args(LoRAArgs, model.lora)
+def run_flop_model(architecture: Any, lora: LoRAArgs, output_vocab: str, accounting: Accounting) -> FlopModel:
+    """The FLOP model of a run: its base architecture (a config or dict), LoRA settings, training
+    output rows and accounting. The plan (from a config) and the budget (from a module) both use it."""
     return FlopModel(
-        base_config(model.model_name_or_path, model.model_config),
+        architecture,
         lora_rank=lora.rank,
         lora_targets=lora.targets,
         lm_head_bias=lora.train_lm_head_bias,
-        accounting=accounting or config.flop_budget.accounting,
-        train_head_rows=len(ALPHABET) + 1 if model.output_vocab == "llmtime" else None,  # + end-of-text
+        accounting=accounting,
+        train_head_rows=len(ALPHABET) + 1 if output_vocab == "llmtime" else None,  # + end-of-text
     )
+
+
+def flop_model_of(config: Any, accounting: Accounting | None = None) -> FlopModel:
+    """The FLOP model of a resolved run configuration (its model and LoRA settings)."""
+    model = config.model
+    return run_flop_model(
+        base_config(model.model_name_or_path, model.model_config),
+        as_args(LoRAArgs, model.lora),
+        model.output_vocab,
+        accounting or config.flop_budget.accounting,
+    )
+
+
+def on_cuda(trainer: Any) -> bool:
+    """Whether a run of these trainer settings runs on CUDA devices."""
+    accelerator = str(_get(trainer, "accelerator", "auto"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def world_size(trainer: Any) -> int:
@@ -212,7 +228,7 @@ def validation_forecast_bound(config: Any, accounting: Accounting | None = None)
     device, a distributed sampler's padding included: what the budget charges before it runs."""
     if not as_args(ForecastValidationArgs, config.data.forecast_validation).trajectories:
         return 0.0
-    from lit_llmtime.forecast import batch_grammar, generation_shape
+    from lit_llmtime.forecast import batch_grammar, generation_shape, static_generation
 
     data = _datamodule(config)
     data.setup("validate")
@@ -222,25 +238,25 @@ def validation_forecast_bound(config: Any, accounting: Accounting | None = None)
     batch = next(iter(loaders[1]))
     forecast = as_args(ForecastArgs, config.model.forecast)
     grammar = batch_grammar(data.tokenizer, batch, forecast, data.encoding.decimals, batch["horizon"])
-    static = forecast.compile == "on"  # "auto" compiles only on CUDA
-    shape = generation_shape(batch["input_ids"], grammar, static)
+    shape = generation_shape(batch["input_ids"], grammar, static_generation(forecast.compile, on_cuda(config.trainer)))
     per_prompt = shape.flops(flop_model_of(config, accounting)) / len(batch["input_ids"])
     return forecast_pass_flops(per_prompt, len(loaders[1].dataset), world_size(config.trainer))
 
 
 def plan_predict(config: Any, accounting: Accounting | None = None) -> tuple[int, float]:
     """Trajectories a ``predict`` of this configuration forecasts, and the most its generation can
-    cost (every step written with the longest numbers: what the budget charges before it runs; on
-    CUDA the static cache also pads each prompt to a multiple of 64 tokens)."""
-    from lit_llmtime.forecast import batch_grammar, generation_shape
+    cost (every step written with the longest numbers: what the budget charges before it runs; a
+    static cache, as on CUDA, pads each prompt and is attended whole)."""
+    from lit_llmtime.forecast import batch_grammar, generation_shape, static_generation
 
     data = _datamodule(config)
     data.setup("predict")
     forecast, flop_model = as_args(ForecastArgs, config.model.forecast), flop_model_of(config, accounting)
+    static = static_generation(forecast.compile, on_cuda(config.trainer))
     total = 0.0
     for batch in data.predict_dataloader():
         grammar = batch_grammar(data.tokenizer, batch, forecast, data.encoding.decimals)
-        total += generation_shape(batch["input_ids"], grammar, static=False).flops(flop_model)
+        total += generation_shape(batch["input_ids"], grammar, static).flops(flop_model)
     return len(data.datasets["predict"]), total
 
 

@@ -121,3 +121,10 @@ def test_matrix_multiplies_agree_with_torch_flop_counter():
     ours -= sum(64 * width for width in (896, 128, 128))  # minus q/k/v bias additions (addmm counts none)
     assert ours == pytest.approx(counter.get_total_flops(), rel=0.02)
     assert ours < counter.get_total_flops()
+
+
+def test_a_static_cache_is_attended_whole_by_the_prefill_and_every_step():
+    model = FlopModel(QWEN2_5_0_5B_CONFIG)
+    static = model.generation(512, 20, cache_tokens=1280)
+    assert static == model.forward(512, keys=1280, logits=1) + 19 * model.forward(1, keys=1280)
+    assert static > model.generation(512, 20)  # the eager path attends only the keys written so far

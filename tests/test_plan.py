@@ -168,6 +168,28 @@ def test_planned_generation_is_what_predict_charges_before_it_runs(tiny_config, 
     assert 0 < sum(charges) <= bound  # and what was not used came back (nothing, if every number was longest)
 
 
+def test_static_cache_generation_is_planned_as_the_budget_charges_it(tiny_config):
+    """``forecast.compile: on`` (as ``auto`` on CUDA): the plan and the budget's charge attend the
+    whole preallocated cache, which the eager path's count does not."""
+    from lit_llmtime.callbacks import flop_model_for
+    from lit_llmtime.plan import plan_predict
+    from lit_llmtime.run import lightning_cli
+
+    args = [*tiny_config, "--data.predict_indices=[35, 36, 37]", "--data.predict_batch_size=2",
+            "--model.forecast.forecast_steps=4", "--model.forecast.compile=on"]  # fmt: skip
+    _, planned = plan_predict(resolve_run(["predict", *args]))
+    cli = lightning_cli(["validate", *args, "--trainer.limit_val_batches=0"])  # builds the module; forecasts nothing
+    cli.datamodule.setup("predict")
+    flop_model = flop_model_for(cli.model, "exact")
+    shapes = [cli.model.generation_shape(batch) for batch in cli.datamodule.predict_dataloader()]
+    assert all(shape.cache_tokens % 256 == 0 and shape.prompt_tokens % 64 == 0 for shape in shapes)
+    assert planned == pytest.approx(sum(shape.flops(flop_model) for shape in shapes), rel=1e-12)
+    eager = [cli.model.generation_shape(batch) for batch in cli.datamodule.predict_dataloader()]
+    for shape in eager:
+        shape.cache_tokens = None
+    assert planned > sum(shape.flops(flop_model) for shape in eager)  # the whole cache costs more
+
+
 def test_validation_forecasts_are_predicted_charged_before_they_run_and_refunded(tiny_config, capsys):
     args = [
         "fit",
