@@ -4,7 +4,6 @@ writer of forecasts, metrics and figures."""
 from __future__ import annotations
 
 import itertools
-import math
 import signal
 import sys
 import time
@@ -349,7 +348,7 @@ class FlopBudget(L.Callback):
         loader = trainer.datamodule.predict_dataloader()
         bounds = [pl_module.generation_shape(batch).flops(self.flop_model) for batch in loader]
         if trainer.world_size > 1:
-            batches = math.ceil(math.ceil(len(loader.dataset) / trainer.world_size) / loader.batch_size)
+            batches = len(batch_sizes(len(loader.dataset), loader.batch_size, trainer.world_size))
             bounds = [trainer.world_size * max(bounds)] * batches
         bounds = bounds[: limit_batches(len(bounds), trainer.limit_predict_batches)]  # what the user asked for
         costs = list(itertools.accumulate(bounds))
