@@ -194,6 +194,8 @@ def test_a_signal_checkpoints_the_last_step_exits_non_zero_and_resume_continues(
     name = signal.Signals(signum).name
     assert record["status"] == f"stopped: {name}" and saved == record["steps"]  # every paid step kept
     assert process.stderr.read().decode().splitlines()[-1] == f"lit-llmtime: stopped by {name}; step {saved} saved"
+    if signum == signal.SIGINT:
+        return  # resuming is the same for both
     main(["fit", *run, "--trainer.max_steps=60", "--ckpt_path=last"])
     (resumed,) = Ledger(LEDGER).records()
     assert resumed["steps"] == 60 and resumed["flops"] == pytest.approx(60 * STEP, rel=1e-12)
