@@ -99,6 +99,7 @@ class Ledger:
         self._records: dict[str, dict[str, Any]] = {}
         self._reservations: dict[tuple, dict[str, Any]] = {}
         self._fragment = b""  # the last line, if it has no newline yet
+        self._fragment_parses = False
         self._view = self._records, self._reservations  # the state with that line folded in, if it parses
 
     # -- reading -------------------------------------------------------------------------------
@@ -112,7 +113,11 @@ class Ledger:
             return
         with open(self.path, "rb") as f:
             f.seek(self._offset)
-            data = f.read()
+            self._fold_bytes(f.read())
+
+    def _fold_bytes(self, data: bytes) -> None:
+        """Fold ``data`` (the file's bytes from ``_offset``): its whole lines for good, an unfinished
+        last line into a copy of the state if it parses."""
         end = data.rfind(b"\n") + 1
         for line in data[:end].split(b"\n")[:-1]:
             if line.strip():
@@ -120,7 +125,8 @@ class Ledger:
             self._offset, self._lines = self._offset + len(line) + 1, self._lines + 1  # folded once, even on error
         self._fragment = data[end:]
         self._view = self._records, self._reservations
-        if self._fragment_event() is not None:  # counted in a copy: the next read folds it again, whole
+        self._fragment_parses = self._fragment_event() is not None
+        if self._fragment_parses:  # counted in a copy: the next read folds it again, whole
             self._view = copy.deepcopy(self._view)
             self._fold(self._fragment.decode(), self._lines + 1, *self._view)
 
@@ -219,12 +225,10 @@ class Ledger:
         to a sidecar file first, with a warning naming it."""
         lines = "".join(json.dumps(event) + "\n" for event in events).encode()
         if self.path is None:
-            for line in lines.decode().splitlines():
-                self._lines += 1
-                self._fold(line, self._lines, self._records, self._reservations)
+            self._fold_bytes(lines)
             return
         self._refresh()
-        if self._fragment and self._fragment_event() is not None:
+        if self._fragment and self._fragment_parses:
             lines = b"\n" + lines
         elif self._fragment:
             self._set_aside()
@@ -235,7 +239,7 @@ class Ledger:
                 os.fsync(f.fileno())
         except OSError as error:
             raise LedgerError(f"cannot append to the ledger {self.path} ({error.strerror})") from error
-        self._refresh()
+        self._fold_bytes(self._fragment + lines)  # what the file now holds from _offset (under the lock)
 
     def _set_aside(self) -> None:
         """Move the unparsable last line into ``<ledger>.fragment-<offset>-<ns>`` and cut it from the ledger."""
@@ -247,7 +251,7 @@ class Ledger:
         with open(self.path, "rb+") as f:
             f.truncate(self._offset)
             os.fsync(f.fileno())
-        self._fragment, self._view = b"", (self._records, self._reservations)
+        self._fragment, self._fragment_parses, self._view = b"", False, (self._records, self._reservations)
 
     def update(self, run_id: str, **fields: Any) -> None:
         """Describe a run (name, stage, status, config, val_loss, ...)."""
