@@ -466,4 +466,4 @@ class ForecastWriter(BasePredictionWriter):
         part = merge_predictions([p if isinstance(p, dict) else p.predictions() for p in predictions])
         summary = write_forecast_outputs(folder, part, trainer.logger, self.max_figures)
         figures = sorted(folder.glob("forecast_*.png"))
-        print(summary_lines(summary, folder, figures), flush=True)
+        print(summary_lines(summary, folder / "metrics.md", figures), flush=True)

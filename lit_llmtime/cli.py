@@ -10,30 +10,33 @@ import numpy as np
 from jsonargparse import auto_cli
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_llmtime.data import DEFAULT_DATA_PATH, OFFLINE_TOKENIZER, DataFileError
+from lit_llmtime.data import DEFAULT_DATA_PATH, OFFLINE_TOKENIZER
 from lit_llmtime.flops import Accounting
-from lit_llmtime.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, Ledger, LedgerError
+from lit_llmtime.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, BudgetExhausted, Ledger, LedgerError
 from lit_llmtime.plan import flop_model_of, plan_fit, plan_predict, step_flops, world_size
 from lit_llmtime.run import LIGHTNING_SUBCOMMANDS, lightning_cli, resolve_run
+from lit_llmtime.series import ID_COLUMN, TIME_COLUMN, DataFileError
 from lit_llmtime.signals import Interrupted
 
 
-def simulate(out: str = DEFAULT_DATA_PATH, n: int = 1000, steps: int = 100, seed: int = 0) -> None:
-    """Write a synthetic Lotka-Volterra data set in the coursework file's layout.
+def simulate(out: str = DEFAULT_DATA_PATH, n: int = 1000, steps: int = 100, seed: int = 0, species: int = 2) -> None:
+    """Write a synthetic Lotka-Volterra data set (the coursework file's layout, or a table).
 
     Args:
-        out: h5 file to write (atomically).
+        out: file to write (atomically): .h5 (the coursework layout), .csv or .parquet (a long
+            table: series_id, time, one column per species) or .npy ((n, steps, species)).
         n: number of trajectories.
         steps: time steps per trajectory, on numpy.linspace(0, 200, steps).
         seed: random seed of parameters and initial conditions.
+        species: 2 (prey, predator), 1 (the prey alone) or 3 (a second predator competing for the prey).
     """
+    from lit_llmtime.simulate import SPECIES_NAMES, write_simulation
     from lit_llmtime.simulate import simulate as run_simulation
-    from lit_llmtime.simulate import write_h5
 
-    trajectories, time = run_simulation(n=n, steps=steps, seed=seed)
-    write_h5(out, trajectories, time)
+    trajectories, time = run_simulation(n=n, steps=steps, seed=seed, species=species)
+    write_simulation(out, trajectories, time)
     print(f"wrote {out}: trajectories {trajectories.shape} float32, time {time.shape}")
-    for name, values in (("prey", trajectories[..., 0]), ("predator", trajectories[..., 1])):
+    for name, values in zip(SPECIES_NAMES[species], np.moveaxis(trajectories, -1, 0), strict=True):
         stats = f"min {values.min():.4g} max {values.max():.4g} mean {values.mean():.3f} std {values.std():.3f}"
         print(f"  {name:8s} {stats}")
 
@@ -137,6 +140,52 @@ def flops(args: list[str], accounting: Accounting | None = None) -> None:
     print(f"  ledger {budget_args.ledger}: {spent:.4e} spent, {left:.4e} left")
 
 
+def forecast(
+    input: str,
+    horizon: int,
+    out: str = "forecasts.csv",
+    ckpt_path: str | None = None,
+    model_name_or_path: str | None = None,
+    context_steps: int | None = None,
+    num_samples: int = 1,
+    id_column: str = ID_COLUMN,
+    time_column: str = TIME_COLUMN,
+    target: list[str] | None = None,
+    batch_size: int = 16,
+    ledger: str = DEFAULT_LEDGER,
+    budget: float = DEFAULT_BUDGET,
+) -> None:
+    """Forecast every series of a data file (CSV, parquet, npy, h5) and write them as a table.
+
+    Args:
+        input: the data file (see `data.data_path`: a long table of series id, time and variables).
+        horizon: steps to forecast after each series.
+        out: the forecasts (.csv or .parquet): series id, time, each variable's median and its
+            quantiles; figures `<out>_<series>.png` beside it.
+        ckpt_path: a trained adapter (a fit's checkpoint) with the settings it was trained with.
+        model_name_or_path: where the base model is (default: the checkpoint's); alone, a base
+            model without an adapter.
+        context_steps: use each series' first this many steps as the context and score the
+            forecast against the steps after them (metrics beside the forecasts); default: the
+            whole series is the context and the forecast continues past its end.
+        num_samples: forecasts per series: 1 is greedy, more are sampled (median and quantiles).
+        id_column: the table's series id column.
+        time_column: the table's time column (numbers or timestamps).
+        target: the table's columns to forecast (default: all others; a checkpoint's model expects
+            as many as it was trained on).
+        batch_size: series per generation batch.
+        ledger: the FLOP ledger the generation is charged to.
+        budget: the FLOP budget.
+    """
+    from lit_llmtime.config import ForecastArgs
+    from lit_llmtime.forecast_file import forecast_file
+
+    forecast_file(
+        input, horizon, out, ckpt_path, model_name_or_path, context_steps, ForecastArgs(num_samples=num_samples),
+        id_column, time_column, target, batch_size, ledger, budget,
+    )  # fmt: skip
+
+
 def ledger(path: str = DEFAULT_LEDGER, budget: float = DEFAULT_BUDGET) -> None:
     """Print the FLOP ledger as the report's Table 6 (markdown).
 
@@ -192,6 +241,7 @@ TOOLS = {
     "simulate": simulate,
     "encode": encode,
     "encode-check": encode_check,
+    "forecast": forecast,
     "flops": flops,
     "ledger": ledger,
     "sweep": sweep,
@@ -234,7 +284,7 @@ def main(args: list[str] | None = None) -> None:
             if argv[:1] == ["sweep"]:  # --config would be jsonargparse's own; it means the sweep file
                 argv = [a.replace("--config", "--run_config", 1) if a.startswith("--config") else a for a in argv]
             auto_cli(TOOLS, args=argv, as_positional=False, prog="lit-llmtime")
-    except (DataFileError, LedgerError, FileNotFoundError, ValueError) as error:
+    except (DataFileError, LedgerError, BudgetExhausted, FileNotFoundError, ValueError) as error:
         sys.exit(f"lit-llmtime: error: {error}")
     except Interrupted as interrupted:
         print(f"lit-llmtime: {interrupted}", file=sys.stderr)

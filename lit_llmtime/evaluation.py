@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from lit_llmtime.io import atomic_path, write_text_atomic
-from lit_llmtime.metrics import POINT_METRICS, SAMPLE_METRICS, SPECIES, nanmean, score
+from lit_llmtime.metrics import POINT_METRICS, SAMPLE_METRICS, nanmean, score
+from lit_llmtime.series import COURSEWORK_VARIABLES
 
 ARRAYS = ("index", "prompt", "truth", "forecast", "lower", "upper", "samples", "valid_share", "alpha")
 
@@ -28,6 +29,7 @@ def merge_predictions(parts: list[dict[str, Any]]) -> dict[str, Any]:
     result["texts"] = [merged["texts"][i] for i in order]
     result["references"] = {name: values[order] for name, values in merged["references"].items()}
     result["time"] = parts[0]["time"]
+    result["variables"] = tuple(parts[0].get("variables", COURSEWORK_VARIABLES))
     for key in ("flops", "seconds", "tokens"):
         result[key] = float(sum(p[key] for p in parts))
     return result
@@ -40,6 +42,7 @@ def save_npz(path: str | Path, predictions: dict[str, Any]) -> Path:
     arrays.update(
         texts=np.array(predictions["texts"]),
         time=predictions["time"],
+        variables=np.array(predictions.get("variables", COURSEWORK_VARIABLES)),
         flops=np.float64(predictions["flops"]),
         seconds=np.float64(predictions["seconds"]),
         tokens=np.float64(predictions["tokens"]),
@@ -56,25 +59,29 @@ def load_npz(path: str | Path) -> dict[str, Any]:
         result["references"] = {key[4:]: data[key] for key in data.files if key.startswith("ref_")}
         result["texts"] = data["texts"].tolist()
         result["time"] = data["time"]
+        result["variables"] = tuple(data["variables"].tolist()) if "variables" in data.files else COURSEWORK_VARIABLES
         for key in ("flops", "seconds", "tokens"):
             result[key] = float(data[key])
     return result
 
 
 def summarise(predictions: dict[str, Any]) -> dict[str, Any]:
-    """Metrics per trajectory and their means, for the LLM and each reference forecaster: MSE,
-    MAE, R² and MASE, and for a sampled LLM forecast also CRPS and the weighted quantile loss."""
+    """Metrics per trajectory and variable and their means, for the LLM and each reference
+    forecaster: MSE, MAE, R² and MASE, and for a sampled LLM forecast also CRPS and the weighted
+    quantile loss."""
+    variables = tuple(predictions.get("variables", COURSEWORK_VARIABLES))
 
     def table(forecasts: np.ndarray, samples: np.ndarray | None = None) -> dict[str, Any]:
         rows = zip(predictions["index"], predictions["truth"], forecasts, predictions["prompt"], strict=True)
         per = {
-            int(i): score(t, f, p, None if samples is None else samples[row]) for row, (i, t, f, p) in enumerate(rows)
+            int(i): score(t, f, p, None if samples is None else samples[row], variables)
+            for row, (i, t, f, p) in enumerate(rows)
         }
-        names = list(next(iter(per.values()))["prey"]) if per else list(POINT_METRICS)
-        mean = {s: {m: nanmean([per[i][s][m] for i in per]) for m in names} for s in SPECIES}
+        names = list(next(iter(per.values()))[variables[0]]) if per else list(POINT_METRICS)
+        mean = {v: {m: nanmean([per[i][v][m] for i in per]) for m in names} for v in variables}
         return {"per_trajectory": per, "mean": mean}
 
-    summary = {"model": table(predictions["forecast"], predictions["samples"])}
+    summary = {"variables": list(variables), "model": table(predictions["forecast"], predictions["samples"])}
     for i, share in zip(predictions["index"], predictions["valid_share"], strict=True):
         summary["model"]["per_trajectory"][int(i)]["valid_share"] = float(share)
     summary["model"]["mean"]["valid_share"] = float(np.mean(predictions["valid_share"]))
@@ -93,14 +100,15 @@ LABELS = {"mse": "MSE", "mae": "MAE", "r2": "R²", "mase": "MASE", "crps": "CRPS
 
 def markdown_table(summary: dict[str, Any]) -> str:
     """Per-trajectory and mean metrics (like the report's tables 4 and 5), references included."""
-    names = [m for m in (*POINT_METRICS, *SAMPLE_METRICS) if m in summary["model"]["mean"]["prey"]]
-    columns = " | ".join(f"{s} {LABELS[m]}" for s in SPECIES for m in names)
+    variables = summary.get("variables", COURSEWORK_VARIABLES)
+    names = [m for m in (*POINT_METRICS, *SAMPLE_METRICS) if m in summary["model"]["mean"][variables[0]]]
+    columns = " | ".join(f"{v} {LABELS[m]}" for v in variables for m in names)
     header = f"| sample | valid steps | {columns} |"
-    rule = "|---|---:|" + "---:|" * (len(SPECIES) * len(names))
+    rule = "|---|---:|" + "---:|" * (len(variables) * len(names))
     lines = ["## LLM forecast", "", header, rule]
 
     def cells(m: dict[str, Any]) -> str:
-        return " | ".join(f"{m[s][k]:.4f}" if k in m[s] else "" for s in SPECIES for k in names)
+        return " | ".join(f"{m[v][k]:.4f}" if k in m[v] else "" for v in variables for k in names)
 
     for index, m in summary["model"]["per_trajectory"].items():
         lines.append(f"| {index} | {100 * m['valid_share']:.0f}% | {cells(m)} |")
@@ -149,8 +157,15 @@ def write_forecast_outputs(folder: str | Path, predictions: dict[str, Any], logg
                 predictions["upper"][row],
                 references,
                 title=f"sample {index}",
+                variables=predictions.get("variables"),
             ),  # fmt: skip
-            "errors": plot_errors(future, predictions["truth"][row], predictions["forecast"][row], f"sample {index}"),
+            "errors": plot_errors(
+                future,
+                predictions["truth"][row],
+                predictions["forecast"][row],
+                f"sample {index}",
+                predictions.get("variables"),
+            ),  # fmt: skip
         }
         for kind, fig in figures.items():
             if experiment is not None and hasattr(experiment, "add_figure"):
@@ -159,18 +174,23 @@ def write_forecast_outputs(folder: str | Path, predictions: dict[str, Any], logg
     return summary
 
 
-def summary_lines(summary: dict[str, Any], folder: Path, figures: list[Path]) -> str:
+def summary_lines(
+    summary: dict[str, Any], metrics: Path, figures: list[Path], also: str = "metrics.json, predictions.npz"
+) -> str:
     """What predict prints at the end: the mean metrics of every forecaster and where the files are."""
     rows = {"LLM": summary["model"]["mean"]} | {name: ref["mean"] for name, ref in summary["references"].items()}
+    variables = summary.get("variables", COURSEWORK_VARIABLES)
+    short = {"predator": "pred."}  # the coursework's columns as they always were
+    headers = [f"{short.get(v, v)} {m}" for v in variables for m in ("MAE", "MASE", "R2")]
+    widths = [max(9, len(h)) for h in headers]
     lines = [
         f"Forecasts of {len(summary['model']['per_trajectory'])} trajectories "
         f"({100 * summary['model']['mean']['valid_share']:.0f}% of the LLM's steps parsed), means:",
-        f"  {'forecaster':16s} {'prey MAE':>9s} {'prey MASE':>9s} {'prey R2':>9s} "
-        f"{'pred. MAE':>9s} {'pred. MASE':>10s} {'pred. R2':>9s}",
+        f"  {'forecaster':16s} " + " ".join(f"{h:>{w}s}" for h, w in zip(headers, widths, strict=True)),
     ]
     for name, mean in rows.items():
-        cells = [mean[s][m] for s in SPECIES for m in ("mae", "mase", "r2")]
-        lines.append(f"  {name:16s} " + " ".join(f"{value:9.4f}" for value in cells))
-    lines.append(f"metrics: {folder / 'metrics.md'} (and metrics.json, predictions.npz)")
+        cells = [mean[v][m] for v in variables for m in ("mae", "mase", "r2")]
+        lines.append(f"  {name:16s} " + " ".join(f"{value:{w}.4f}" for value, w in zip(cells, widths, strict=True)))
+    lines.append(f"metrics: {metrics} (and {also})")
     lines.append("figures: " + (", ".join(str(f) for f in figures[:4]) + (" ..." if len(figures) > 4 else "")))
     return "\n".join(lines)

@@ -1,23 +1,23 @@
-"""Forecasting: our own generation loop (KV cache, LLMTIME grammar, greedy or sampled), decoding
-of the generated text, and the ``Forecaster`` that predict, validation and users call."""
+"""Generation: our own loop (KV cache, LLMTIME grammar, greedy or sampled), what it computes at
+most (the FLOP budget charges it beforehand), and decoding of the generated text. The
+``Forecaster`` (forecaster.py) puts them together."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedTokenizerBase, StaticCache
+from transformers import DynamicCache, StaticCache
 
 from lit_llmtime.config import ForecastArgs
 from lit_llmtime.flops import FlopModel
 from lit_llmtime.grammar import LLMTimeGrammar
 from lit_llmtime.llmtime import decode
-from lit_llmtime.references import reference_forecast
 
 PROMPT_PAD, CACHE_PAD = 64, 256  # static cache (compiled generation): prompt and capacity multiples
 
@@ -63,6 +63,7 @@ def batch_grammar(
         decimals=decimals,
         max_integer_digits=forecast.max_integer_digits,
         allow_negative=bool((batch["prompt"] < 0).any()),
+        n_variables=batch["prompt"].shape[-1],
         mode=forecast.constrained,
         device=batch["input_ids"].device,
     )
@@ -241,10 +242,10 @@ class Forecasts:
     (possible only without the grammar) are filled with the last valid value before them (or the
     prompt's last value), so every step is scored; ``valid_share`` says how many parsed."""
 
-    forecast: np.ndarray  # (B, H, 2): median over samples
-    lower: np.ndarray  # (B, H, 2): 5% quantile over samples
-    upper: np.ndarray  # (B, H, 2): 95% quantile over samples
-    samples: np.ndarray  # (B, S, H, 2), filled
+    forecast: np.ndarray  # (B, H, D): median over samples
+    lower: np.ndarray  # (B, H, D): 5% quantile over samples
+    upper: np.ndarray  # (B, H, D): 95% quantile over samples
+    samples: np.ndarray  # (B, S, H, D), filled
     valid: np.ndarray  # (B, S, H): the step parsed
     texts: list[str]  # first sample's generated text per trajectory
 
@@ -267,7 +268,9 @@ def fill_invalid(values: np.ndarray, last_observed: np.ndarray) -> np.ndarray:
 
 
 def decode_forecasts(texts: list[str], alphas: np.ndarray, prompts: np.ndarray, horizon: int) -> Forecasts:
-    """Parse ``len(alphas) * S`` generated texts (S samples per prompt, prompt by prompt)."""
+    """Parse ``len(alphas) * S`` generated texts (S samples per prompt, prompt by prompt); each
+    (P, D) prompt's last row stands before the first step (prompts of different lengths are
+    left-padded with NaN, so the last row is always observed)."""
     batch, variables = len(alphas), prompts.shape[-1]
     samples_per_prompt = len(texts) // batch
     samples = np.empty((batch, samples_per_prompt, horizon, variables))
@@ -285,124 +288,3 @@ def decode_forecasts(texts: list[str], alphas: np.ndarray, prompts: np.ndarray, 
         valid=valid,
         texts=texts[::samples_per_prompt],
     )
-
-
-@dataclass
-class ForecastResult:
-    """Forecasts of a batch of trajectories on the original scale, with what they are compared to
-    and what generating them took. Arrays are (B, ...) in the batch's order."""
-
-    index: np.ndarray  # (B,) trajectory indices
-    time: np.ndarray  # (T,) the data set's time axis
-    prompt: np.ndarray  # (B, P, V) observed steps
-    truth: np.ndarray  # (B, H, V) the steps that followed
-    alpha: np.ndarray  # (B,) LLMTIME scales
-    forecast: np.ndarray  # (B, H, V) median over samples
-    lower: np.ndarray  # (B, H, V) 5% quantile
-    upper: np.ndarray  # (B, H, V) 95% quantile
-    samples: np.ndarray  # (B, S, H, V)
-    valid_share: np.ndarray  # (B,) share of generated steps that parsed
-    texts: list[str]  # first sample's generated text per trajectory
-    shape: GenerationShape  # the most the generation could compute (what the budget charged)
-    new_tokens: int  # tokens generated per row
-    seconds: float
-    references: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (B, H, V)
-    flops: float = 0.0  # what the generation cost (the FLOP budget callback sets it)
-
-    @property
-    def tokens(self) -> int:
-        return self.shape.rows * self.new_tokens
-
-    def predictions(self) -> dict:
-        """As the dict that ``evaluation`` merges, saves and summarises."""
-        arrays = ("index", "time", "prompt", "truth", "alpha", "forecast", "lower", "upper", "samples", "valid_share")
-        result = {name: getattr(self, name) for name in arrays}
-        return result | {
-            "texts": self.texts,
-            "references": self.references,
-            "tokens": self.tokens,
-            "seconds": self.seconds,
-            "flops": self.flops,
-        }
-
-
-class Forecaster:
-    """Forecasts batches of LLMTIME prompts (``data.collate_prompts``) with a causal LM: our
-    generation loop under the LLMTIME grammar, decoded back to the original scale, with the
-    reference forecasters on the same prompts. ``predict``, validation and users share it.
-
-    Args:
-        model: a Hugging Face causal LM (LoRA layers in place or not).
-        tokenizer: the tokenizer the prompts were written with.
-        forecast: generation settings (samples, temperature, top-p, grammar).
-        decimals: the encoding's decimals (the grammar writes exactly these).
-        compile: a static KV cache and a compiled per-token step (CUDA).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        forecast: ForecastArgs,
-        decimals: int,
-        compile: bool = False,
-    ) -> None:
-        self.model, self.tokenizer, self.settings = model, tokenizer, forecast
-        self.decimals, self.compile = decimals, compile
-
-    def horizon(self, batch: dict) -> int:
-        """Steps to forecast: the batch's own ``horizon`` (validation forecasts), else ``forecast_steps``."""
-        return int(batch["horizon"]) if "horizon" in batch else self.settings.forecast_steps
-
-    def grammar(self, batch: dict, horizon: int) -> LLMTimeGrammar:
-        return batch_grammar(self.tokenizer, batch, self.settings, self.decimals, horizon)
-
-    def shape(self, batch: dict, horizon: int | None = None) -> GenerationShape:
-        """What forecasting this batch computes at most (the FLOP budget charges it beforehand)."""
-        horizon = self.horizon(batch) if horizon is None else horizon
-        return generation_shape(batch["input_ids"], self.grammar(batch, horizon), self.compile)
-
-    def __call__(
-        self,
-        batch: dict,
-        horizon: int | None = None,
-        references: tuple[str, ...] | list[str] = (),
-        progress: Callable[[LLMTimeGrammar, int, float], None] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> ForecastResult:
-        """Forecast ``horizon`` steps (default: see ``horizon``) of every prompt in ``batch``."""
-        horizon = self.horizon(batch) if horizon is None else horizon
-        if batch["future"].shape[1] < horizon:
-            raise ValueError(
-                f"trajectories have {batch['future'].shape[1]} steps after the prompt, fewer than the "
-                f"{horizon} to forecast"
-            )
-        prompts, alphas = batch["prompt"].cpu().numpy(), batch["alpha"].cpu().numpy()
-        time_axis = batch["time"].cpu().numpy()
-        grammar = self.grammar(batch, horizon)
-        shape = generation_shape(batch["input_ids"], grammar, self.compile)
-        settings = self.settings
-        generation = generate(
-            self.model, batch["input_ids"], batch["attention_mask"], grammar, shape.max_new_tokens,
-            settings.num_samples, settings.temperature, settings.top_p, generator=generator, progress=progress,
-            compile=self.compile, static=self.compile,
-        )  # fmt: skip
-        texts = self.tokenizer.batch_decode(generation.tokens, skip_special_tokens=True)
-        decoded = decode_forecasts(texts, alphas, prompts, horizon)
-        return ForecastResult(
-            index=batch["index"].cpu().numpy(),
-            time=time_axis,
-            prompt=prompts,
-            truth=batch["future"][:, :horizon].cpu().numpy(),
-            alpha=alphas,
-            forecast=decoded.forecast,
-            lower=decoded.lower,
-            upper=decoded.upper,
-            samples=decoded.samples,
-            valid_share=decoded.valid_share,
-            texts=decoded.texts,
-            shape=shape,
-            new_tokens=generation.tokens.shape[1],
-            seconds=generation.seconds,
-            references={name: reference_forecast(name, prompts, time_axis, horizon) for name in references},
-        )

@@ -8,8 +8,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-
 
 def _read_umask() -> int:
     mask = os.umask(0)
@@ -55,12 +53,3 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, but atomic: a run killed while saving keeps its previous
-    ``last.ckpt`` instead of a truncated one, so it can always resume."""
-
-    def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options=None) -> None:
-        with atomic_path(path) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)

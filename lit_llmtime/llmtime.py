@@ -1,6 +1,6 @@
-"""LLMTIME text codec: (steps, 2) population arrays <-> "x,y;x,y;..." digit strings.
+"""LLMTIME text codec: (steps, variables) arrays <-> "x,y;x,y;..." digit strings.
 
-Each trajectory is divided by its own scale ``alpha = max(p95(prey), p95(predator)) / 10`` so
+Each trajectory is divided by its own scale ``alpha = max over variables of p95 / 10`` so
 most values land in [0, 10], rounded to ``decimals`` places, variables joined by ``,`` and time
 steps by ``;``. The decimal point is kept (Qwen2.5 tokenizes every digit on its own anyway).
 """
@@ -62,10 +62,10 @@ def encode(
     return format_values(array / alpha, decimals), alpha
 
 
-def global_alpha(trajectories: np.ndarray, percentile: float = 95.0) -> float:
-    """One scale for a whole data set (N, steps, variables), by the same rule as ``scale_alpha``."""
-    array = np.asarray(trajectories, dtype=np.float64)
-    return scale_alpha(array.reshape(-1, array.shape[-1]), percentile)
+def global_alpha(trajectories, percentile: float = 95.0) -> float:
+    """One scale for a whole data set ((N, steps, variables), or a list of (steps, variables)
+    series of different lengths), by the same rule as ``scale_alpha``."""
+    return scale_alpha(np.concatenate([np.asarray(t, dtype=np.float64) for t in trajectories]), percentile)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Forecast scores per species: MSE, MAE, R² (the report's), MASE (the forecasting field's
+"""Forecast scores per variable: MSE, MAE, R² (the report's), MASE (the forecasting field's
 scale-free point score) and, for sampled forecasts, CRPS and the weighted quantile loss (the
 probabilistic scores Chronos and LLMTime report)."""
 
@@ -11,7 +11,8 @@ import torch
 from torchmetrics.functional import mean_absolute_error, mean_squared_error, r2_score
 from torchmetrics.functional.regression import continuous_ranked_probability_score
 
-SPECIES = ("prey", "predator")
+from lit_llmtime.series import default_variables
+
 POINT_METRICS = ("mse", "mae", "r2", "mase")
 SAMPLE_METRICS = ("crps", "wql")
 QUANTILE_LEVELS = tuple(round(0.1 * k, 1) for k in range(1, 10))
@@ -19,8 +20,10 @@ QUANTILE_LEVELS = tuple(round(0.1 * k, 1) for k in range(1, 10))
 
 def naive_scale(prompt: np.ndarray) -> np.ndarray:
     """(V,) mean absolute one-step change over a (P, V) prompt: the in-sample error of the naive
-    forecast, which MASE divides by (Hyndman and Koehler, 2006)."""
-    return np.abs(np.diff(np.asarray(prompt, dtype=np.float64), axis=0)).mean(axis=0)
+    forecast, which MASE divides by (Hyndman and Koehler, 2006). Rows of NaN (the left padding of
+    a shorter prompt) are not steps."""
+    prompt = np.asarray(prompt, dtype=np.float64)
+    return np.abs(np.diff(prompt[~np.isnan(prompt).any(axis=1)], axis=0)).mean(axis=0)
 
 
 def weighted_quantile_loss(truth: np.ndarray, samples: np.ndarray, levels=QUANTILE_LEVELS) -> float:
@@ -34,16 +37,21 @@ def weighted_quantile_loss(truth: np.ndarray, samples: np.ndarray, levels=QUANTI
 
 
 def score(
-    truth: np.ndarray, forecast: np.ndarray, prompt: np.ndarray, samples: np.ndarray | None = None
+    truth: np.ndarray,
+    forecast: np.ndarray,
+    prompt: np.ndarray,
+    samples: np.ndarray | None = None,
+    variables: tuple[str, ...] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Scores per species of one (H, V) forecast against its (H, V) truth; ``prompt`` (P, V) scales
-    MASE. With (S, H, V) ``samples`` and S > 1, also CRPS (from the samples) and the weighted
-    quantile loss at 0.1 ... 0.9."""
+    """Scores per variable (named by ``variables``; default prey and predator for two, else x0,
+    x1, ...) of one (H, V) forecast against its (H, V) truth; ``prompt`` (P, V) scales MASE. With
+    (S, H, V) ``samples`` and S > 1, also CRPS (from the samples) and the weighted quantile loss
+    at 0.1 ... 0.9."""
     if np.isnan(forecast).any():
         raise ValueError("forecast has NaN steps: fill them (fill_invalid) before scoring")
     scale = naive_scale(prompt)
     result = {}
-    for k, name in enumerate(SPECIES[: truth.shape[-1]]):
+    for k, name in enumerate(variables or default_variables(truth.shape[-1])):
         y, p = torch.as_tensor(truth[:, k], dtype=torch.float64), torch.as_tensor(forecast[:, k], dtype=torch.float64)
         mae = mean_absolute_error(p, y).item()
         scores = {

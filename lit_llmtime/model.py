@@ -18,13 +18,14 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from lit_llmtime.config import DEFAULT_MODEL, EncodingArgs, ForecastArgs, LoRAArgs, OptimArgs, as_args
 from lit_llmtime.data import IGNORE_INDEX, OFFLINE_TOKENIZER, load_tokenizer
-from lit_llmtime.forecast import Forecaster, ForecastResult, GenerationShape, StepProgress, static_generation
+from lit_llmtime.forecast import GenerationShape, StepProgress, static_generation
+from lit_llmtime.forecaster import Forecaster, ForecastResult
 from lit_llmtime.gguf import check_tokenizer_agrees, is_gguf, load_gguf_model
 from lit_llmtime.grammar import EOS, single_token_ids
 from lit_llmtime.llmtime import ALPHABET
 from lit_llmtime.lora import apply_lora, count_trainable, trainable_state_dict
 from lit_llmtime.loss import evaluation_losses, linear_cross_entropy, row_targets
-from lit_llmtime.metrics import SAMPLE_METRICS, SPECIES, score
+from lit_llmtime.metrics import score
 
 
 def build_base_model(
@@ -114,7 +115,7 @@ class LLMTimeLoRA(L.LightningModule):
         apply_lora(self.model, lora.targets, lora.rank, lora.alpha, lora.dropout, lora.train_lm_head_bias)
         self.model.train()  # from_pretrained leaves the base in eval mode (Lightning warns); Qwen2 has no dropout
         self.val_loss, self.val_loss_llmtime, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-        self.val_forecast = ForecastSkill(sampled=self.forecast.num_samples > 1)
+        self.val_forecast = ForecastSkill()
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._val_figure: ForecastResult | None = None
@@ -207,7 +208,7 @@ class LLMTimeLoRA(L.LightningModule):
 
             figure = plot_forecast(
                 result.time, result.prompt[0], result.truth[0], result.forecast[0], result.lower[0], result.upper[0],
-                title=f"validation sample {result.index[0]}, step {self.global_step}",
+                title=f"validation sample {result.index[0]}, step {self.global_step}", variables=result.variables,
             )  # fmt: skip
             experiment.add_figure("val/forecast", figure, global_step=self.global_step)
 
@@ -249,7 +250,7 @@ class LLMTimeLoRA(L.LightningModule):
     @property
     def forecaster(self) -> Forecaster:
         """This model's forecaster: the adapters are used as they are, never merged."""
-        return Forecaster(self.model, self.tokenizer, self.forecast, self.encoding.decimals, self.compiled_generation())
+        return Forecaster.from_module(self)
 
     def generation_shape(self, batch: dict[str, torch.Tensor]) -> GenerationShape:
         """What forecasting this batch computes at most (the FLOP budget charges it beforehand):
@@ -288,9 +289,16 @@ class LLMTimeLoRA(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only the adapter: a rank-8 Qwen2.5-0.5B checkpoint is a few MB, not 2 GB."""
+        """Keep only the adapter: a rank-8 Qwen2.5-0.5B checkpoint is a few MB, not 2 GB. With it,
+        the training split's scale (which ``scale_from: dataset`` forecasts need) and the names of
+        the variables it was trained on (``Forecaster.from_checkpoint`` names its forecasts by them)."""
         keep = set(trainable_state_dict(self))
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        data = self.trainer.datamodule  # saving: a trainer is attached
+        if getattr(data, "dataset_alpha", None) is not None:
+            checkpoint["dataset_alpha"] = float(data.dataset_alpha)
+        if getattr(data, "variables", None) is not None:
+            checkpoint["variables"] = list(data.variables)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted(set(trainable_state_dict(self)) - set(checkpoint["state_dict"]))
@@ -303,26 +311,32 @@ class LLMTimeLoRA(L.LightningModule):
 
 class ForecastSkill(nn.Module):
     """Mean forecast scores over validation trajectories, synchronised across devices: MAE, MSE,
-    R² and MASE per species, MASE over both (a checkpoint can be chosen by it), the share of
-    steps that parsed, and with sampling CRPS and the weighted quantile loss."""
+    R² and MASE per variable (``mae_prey``), MASE over all variables (a checkpoint can be chosen by
+    it), the share of steps that parsed, and with sampling CRPS and the weighted quantile loss.
+    The per-variable means are made at the first update, when the variables' names are known
+    (every rank forecasts the same variables, so they synchronise alike)."""
 
-    def __init__(self, sampled: bool) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        names = ["mae", "mse", "r2", "mase", *(SAMPLE_METRICS if sampled else ())]
-        keys = [f"{name}_{species}" for name in names for species in SPECIES] + ["mase", "valid_share"]
-        self.means = nn.ModuleDict({key: MeanMetric(nan_strategy="ignore") for key in keys})
+        self.means = nn.ModuleDict({key: MeanMetric(nan_strategy="ignore") for key in ("mase", "valid_share")})
 
     @property
     def update_count(self) -> int:
         return self.means["mase"].update_count
 
+    def _mean(self, key: str) -> MeanMetric:
+        if key not in self.means:
+            self.means[key] = MeanMetric(nan_strategy="ignore").to(self.means["mase"].device)
+        return self.means[key]
+
     def update(self, result: ForecastResult) -> None:
         for row in range(len(result.index)):
-            scores = score(result.truth[row], result.forecast[row], result.prompt[row], result.samples[row])
-            for species, values in scores.items():
+            scores = score(
+                result.truth[row], result.forecast[row], result.prompt[row], result.samples[row], result.variables
+            )
+            for variable, values in scores.items():
                 for name, value in values.items():
-                    if f"{name}_{species}" in self.means:
-                        self.means[f"{name}_{species}"].update(value)
+                    self._mean(f"{name}_{variable}").update(value)
             self.means["mase"].update(float(np.mean([values["mase"] for values in scores.values()])))
             self.means["valid_share"].update(float(result.valid_share[row]))
 

@@ -189,11 +189,12 @@ def plan_fit(config: Any, accounting: Accounting | None = None, windows: dict[st
     return FitPlan(ranks, batches, steps, passes, val_batches, train_flops, val_flops, forecast_flops)
 
 
-_windows: dict[str, dict[str, int]] = {}  # a sweep plans many runs on the same data
+_prepared: dict[str, Any] = {}  # a sweep plans many runs on the same data
 
 
-def _datamodule(config: Any):
-    """The run's data module, its file simulated if the config would."""
+def prepared_data(config: Any, stage: str):
+    """The run's data module set up for ``stage`` (its file simulated first if the config would):
+    one per data configuration and file version, so planning a sweep reads and tokenizes once."""
     from lit_llmtime.data import LotkaVolterraDataModule
 
     arguments = config.data.as_dict() if hasattr(config.data, "as_dict") else dict(config.data)
@@ -202,19 +203,17 @@ def _datamodule(config: Any):
         arguments["forecast_validation"] = as_args(ForecastValidationArgs, arguments["forecast_validation"])
     data = LotkaVolterraDataModule(**arguments)
     data.prepare_data()
+    path = Path(arguments["data_path"])
+    key = repr((sorted(arguments.items()), path.resolve(), path.stat().st_mtime_ns if path.is_file() else None))
+    data = _prepared.setdefault(key, data)
+    data.setup(stage)
     return data
 
 
 def count_windows(config: Any) -> dict[str, int]:
     """Training and validation windows of a run's data."""
-    arguments = config.data.as_dict() if hasattr(config.data, "as_dict") else dict(config.data)
-    path = Path(arguments["data_path"])
-    key = repr((sorted(arguments.items()), path.stat().st_mtime if path.is_file() else None))
-    if key not in _windows:
-        data = _datamodule(config)
-        data.setup("fit")
-        _windows[key] = {split: len(data.datasets[split]) for split in ("train", "val")}
-    return _windows[key]
+    data = prepared_data(config, "fit")
+    return {split: len(data.datasets[split]) for split in ("train", "val")}
 
 
 def forecast_pass_flops(per_prompt: float, prompts: int, ranks: int) -> float:
@@ -230,8 +229,7 @@ def validation_forecast_bound(config: Any, accounting: Accounting | None = None)
         return 0.0
     from lit_llmtime.forecast import batch_grammar, generation_shape, static_generation
 
-    data = _datamodule(config)
-    data.setup("validate")
+    data = prepared_data(config, "validate")
     loaders = data.val_dataloader()
     if not isinstance(loaders, list):
         return 0.0
@@ -249,8 +247,7 @@ def plan_predict(config: Any, accounting: Accounting | None = None) -> tuple[int
     static cache, as on CUDA, pads each prompt and is attended whole)."""
     from lit_llmtime.forecast import batch_grammar, generation_shape, static_generation
 
-    data = _datamodule(config)
-    data.setup("predict")
+    data = prepared_data(config, "predict")
     forecast, flop_model = as_args(ForecastArgs, config.model.forecast), flop_model_of(config, accounting)
     static = static_generation(forecast.compile, on_cuda(config.trainer))
     total = 0.0

@@ -12,7 +12,7 @@ from lit_llmtime.simulate import integrate
 
 
 def persistence(prompts: np.ndarray, horizon: int) -> np.ndarray:
-    """Repeat the last observed value of each (N, P, 2) prompt: (N, horizon, 2)."""
+    """Repeat the last observed value of each (N, P, D) prompt: (N, horizon, D)."""
     return np.repeat(np.asarray(prompts, dtype=np.float64)[:, -1:], horizon, axis=1)
 
 
@@ -72,6 +72,14 @@ def lotka_volterra_forecast(prompts: np.ndarray, time: np.ndarray, horizon: int)
     params = fit_lotka_volterra(prompts, time[:steps])
     future = _integrate(params, prompts[:, -1], time[steps - 1 : steps + horizon])
     return persistence(prompts, horizon) if future is None else future[:, 1:]
+
+
+def reference_applies(name: str, prompts: np.ndarray) -> bool:
+    """Whether a reference forecaster can forecast these (N, P, D) prompts: the Lotka-Volterra ODE
+    needs two non-negative variables, fully observed (prompts of one length)."""
+    if name != "lotka_volterra":
+        return True
+    return prompts.shape[-1] == 2 and bool(np.all(np.isfinite(prompts))) and bool(np.all(prompts >= 0))
 
 
 def reference_forecast(name: str, prompts: np.ndarray, time: np.ndarray, horizon: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from lit_llmtime.callbacks import FlopBudget, ForecastWriter
 from lit_llmtime.config import EncodingArgs
 from lit_llmtime.console import quiet_lightning, use_project_console
 from lit_llmtime.data import LotkaVolterraDataModule
-from lit_llmtime.io import AtomicCheckpointIO
+from lit_llmtime.io import atomic_path
 from lit_llmtime.ledger import Budget, BudgetExhausted
 from lit_llmtime.model import LLMTimeLoRA
 from lit_llmtime.plan import step_flops
@@ -144,6 +144,15 @@ class LitLLMTimeCLI(LightningCLI):
         callback, logger = self.trainer.checkpoint_callback, self.trainer.logger
         if callback is not None and callback.dirpath is None and logger is not None:
             callback.dirpath = str(CHECKPOINT_ROOT / logger.name / f"version_{logger.version}")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but atomic: a run killed while saving keeps its previous
+    ``last.ckpt`` instead of a truncated one, so it can always resume."""
+
+    def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options=None) -> None:
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
 # A checkpoint's settings that define its weights: another value cannot load them.

@@ -40,6 +40,13 @@ def lotka_volterra(t: float, state: np.ndarray, a, b, c, d, e=0.0) -> np.ndarray
     return np.concatenate([a * x - b * x * y - e * x * x, c * x * y - d * y])
 
 
+def two_predators(t: float, state: np.ndarray, a, b, c, d, e, b2, c2, d2) -> np.ndarray:
+    """One prey and two predators competing for it: ``x' = a x - b x y - b2 x z - e x^2,
+    y' = c x y - d y, z' = c2 x z - d2 z`` (state = [x..., y..., z...])."""
+    x, y, z = np.split(state, 3)
+    return np.concatenate([a * x - b * x * y - b2 * x * z - e * x * x, c * x * y - d * y, c2 * x * z - d2 * z])
+
+
 def sample_self_limitation(n: int, rng: np.random.Generator) -> np.ndarray:
     """Draw ``n`` prey self-limitation terms ``e`` from the real file's fitted distribution."""
     z = rng.standard_normal(n)
@@ -79,15 +86,31 @@ def integrate(parameters: dict[str, np.ndarray], initial: np.ndarray, time: np.n
     return np.stack([solution.y[:n], solution.y[n:]], axis=-1)
 
 
-def simulate(n: int = 1000, steps: int = 100, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(trajectories (n, steps, 2) float32, time (steps,) float64)`` like the real file."""
-    if n < 1 or steps < 2:
-        raise ValueError(f"need n >= 1 and steps >= 2, got n={n}, steps={steps}")
+def simulate(n: int = 1000, steps: int = 100, seed: int = 0, species: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(trajectories (n, steps, species) float32, time (steps,) float64)``: for 2 species
+    like the real file; 1, its prey alone; 3, the prey with a second predator that competes for it
+    (drawn after the first's parameters, so the prey-predator draws are those of 2 species)."""
+    if n < 1 or steps < 2 or species not in (1, 2, 3):
+        raise ValueError(f"need n >= 1, steps >= 2 and species 1, 2 or 3, got n={n}, steps={steps}, species={species}")
     rng = np.random.default_rng(seed)
     time = np.linspace(0.0, T_MAX, steps)
     initial = rng.uniform(*INITIAL_RANGE, size=(n, 2))
-    trajectories = integrate(sample_parameters(n, rng), initial, time)
-    return trajectories.astype(np.float32), time
+    parameters = sample_parameters(n, rng)
+    if species < 3:
+        return integrate(parameters, initial, time)[..., :species].astype(np.float32), time
+    second = {"b2": rng.uniform(*B_RANGE, n), "c2": rng.uniform(*C_RANGE, n)}
+    second["d2"] = second["c2"] * rng.uniform(*PREY_EQUILIBRIUM_RANGE, n)
+    state = np.concatenate([initial[:, 0], initial[:, 1], rng.uniform(*INITIAL_RANGE, n) / 2])
+    args = tuple(parameters[k] for k in "abcde") + (second["b2"], second["c2"], second["d2"])
+    solution = solve_ivp(
+        two_predators, (0.0, T_MAX), state, t_eval=time, args=args, method="DOP853", rtol=1e-9, atol=1e-12
+    )
+    if not solution.success:
+        raise RuntimeError(f"ODE solver failed: {solution.message}")
+    return np.stack(np.split(solution.y, 3), axis=-1).astype(np.float32), time
+
+
+SPECIES_NAMES = {1: ("prey",), 2: ("prey", "predator"), 3: ("prey", "predator", "predator_2")}
 
 
 def write_h5(path: str | Path, trajectories: np.ndarray, time: np.ndarray) -> Path:
@@ -95,4 +118,17 @@ def write_h5(path: str | Path, trajectories: np.ndarray, time: np.ndarray) -> Pa
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("trajectories", data=trajectories)
         f.create_dataset("time", data=time)
+        if trajectories.shape[-1] != 2:  # the coursework layout names none; others are named
+            f["trajectories"].attrs["variables"] = list(SPECIES_NAMES[trajectories.shape[-1]])
     return Path(path)
+
+
+def write_simulation(path: str | Path, trajectories: np.ndarray, time: np.ndarray) -> Path:
+    """Write a simulation in the format of ``path``'s suffix: the coursework h5 layout, or any
+    other ``series.save_series`` writes (a long CSV or parquet table, an (N, T, D) ``.npy``)."""
+    if Path(path).suffix.lower() in (".h5", ".hdf5"):
+        return write_h5(path, trajectories, time)
+    from lit_llmtime.series import from_arrays, save_series
+
+    names = SPECIES_NAMES[trajectories.shape[-1]]
+    return save_series(path, from_arrays(trajectories, [time] * len(trajectories), names))

@@ -5,7 +5,6 @@ import torch
 
 from lit_llmtime.data import (
     IGNORE_INDEX,
-    DataFileError,
     LotkaVolterraDataModule,
     chunk_windows,
     load_trajectories,
@@ -13,6 +12,7 @@ from lit_llmtime.data import (
     window_starts,
 )
 from lit_llmtime.llmtime import encode
+from lit_llmtime.series import DataFileError
 
 
 def test_evaluation_windows_score_every_token_once_and_mask_padding():
@@ -120,7 +120,9 @@ def test_datamodule_simulates_missing_file_only_when_asked(tmp_path):
     )
     dm.prepare_data()
     trajectories, time = load_trajectories(path)
-    assert trajectories.shape == (12, 100, 2) and trajectories.dtype == np.float32
+    assert trajectories.shape == (12, 100, 2)
+    with h5py.File(path) as f:
+        assert f["trajectories"].dtype == np.float32  # as the coursework file
     assert list(path.parent.iterdir()) == [path]  # no temp file left behind
 
 
@@ -136,8 +138,8 @@ def _write(path, **datasets):
     [
         ({"time": np.linspace(0, 1, 4)}, "missing dataset 'trajectories'"),
         ({"trajectories": np.ones((3, 4, 2))}, "missing dataset 'time'"),
-        ({"trajectories": np.ones((3, 4)), "time": np.zeros(4)}, r"must have shape \(N, T, 2\) .*got \(3, 4\)"),
-        ({"trajectories": np.ones((3, 4, 3)), "time": np.zeros(4)}, r"got \(3, 4, 3\)"),
+        ({"trajectories": np.ones((3, 4)), "time": np.zeros(4)}, r"must have shape \(N, T, D\) .*got \(3, 4\)"),
+        ({"trajectories": np.ones((3, 1, 2)), "time": np.zeros(1)}, r"with T >= 2, got \(3, 1, 2\)"),
         ({"trajectories": np.ones((3, 4, 2)), "time": np.zeros(5)}, r"'time' must have shape \(4,\), got \(5,\)"),
         ({"trajectories": np.ones((3, 4, 2), dtype=np.int32), "time": np.zeros(4)}, "must be floating point"),
         (

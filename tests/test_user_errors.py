@@ -74,7 +74,7 @@ def test_fit_does_not_need_a_forecast_setting_that_only_forecasting_uses(run):
     main(["fit", *run, "--trainer.max_steps=1", "--data.encoding.prompt_steps=100"])  # trajectories of 100 steps
     (record,) = Ledger(LEDGER).records()
     assert record["status"] == "finished" and record["steps"] == 1
-    built = "random Qwen2 (hidden_size=16, num_hidden_layers=1, vocab_size=151936, init_seed=0)"
+    built = "random Qwen2 (hidden_size=16, num_hidden_layers=1, vocab_size=16, init_seed=0)"
     assert record["config"]["model_name_or_path"] == built  # not the Hub id it was not loaded from
     assert fails(["predict", *run, "--data.encoding.prompt_steps=100", "--ckpt_path=last"]) == (
         "lit-llmtime: error: lv.h5: encoding.prompt_steps=100 leaves nothing to forecast in trajectories of 100 steps"

@@ -1,0 +1,138 @@
+"""``lit-llmtime forecast``: forecast every series of a data file with a trained adapter (or a
+base model), charged to the FLOP ledger as ``predict`` is, written as a long CSV (or parquet)
+with figures beside it, and scored when the file holds the truth (``context_steps``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lit_llmtime.config import ForecastArgs
+from lit_llmtime.evaluation import markdown_table, summarise, summary_lines
+from lit_llmtime.forecast import GenerationShape
+from lit_llmtime.forecaster import Forecaster, Prediction, future_times, prediction_frame
+from lit_llmtime.io import atomic_path, write_text_atomic
+from lit_llmtime.ledger import Budget, BudgetExhausted
+from lit_llmtime.references import persistence
+from lit_llmtime.series import ID_COLUMN, TABLE_SUFFIXES, TIME_COLUMN, SeriesSet, load_series
+
+
+def split_context(series: SeriesSet, context_steps: int, horizon: int) -> tuple[SeriesSet, list[np.ndarray]]:
+    """Each series' first ``context_steps`` as the context and its next ``horizon`` as the truth."""
+    for name, values in zip(series.ids, series.values, strict=True):
+        if len(values) < context_steps + horizon:
+            raise ValueError(
+                f"{series.source}: series {name} has {len(values)} steps, fewer than context_steps={context_steps} "
+                f"+ horizon={horizon}"
+            )
+    context = SeriesSet([v[:context_steps] for v in series.values], [t[:context_steps] for t in series.time],
+                        series.variables, series.ids, series.source)  # fmt: skip
+    return context, [v[context_steps : context_steps + horizon] for v in series.values]
+
+
+class LedgerCharge:
+    """Charges each generation batch's FLOP bound before it runs (refusing when it does not fit),
+    then refunds what generation did not use, and describes the run: as the budget does for predict."""
+
+    def __init__(self, forecaster: Forecaster, ledger: str | None, budget: float, name: str) -> None:
+        self.forecaster, self.authority, self.name = forecaster, Budget(ledger, budget), name
+        self.run_id = f"{name}/forecast/{time.strftime('%Y%m%dT%H%M%S')}"
+        self.charged = 0.0
+
+    def __call__(self, shape: GenerationShape) -> None:
+        cost = shape.flops(self.forecaster.flop_model)
+        if not self.authority.charge(self.run_id, cost, "generate"):
+            left = self.authority.available()
+            raise BudgetExhausted(f"FLOP budget: forecast needs {cost:.3e} FLOPs for its next batch; {left:.3e} left")
+        self.charged += cost
+
+    def settle(self, prediction: Prediction, config: dict[str, Any]) -> None:
+        self.authority.refund(self.run_id, self.charged - prediction.flops, "generate")
+        self.authority.ledger.update(
+            self.run_id, name=self.name, stage="forecast", status="finished", config=config,
+            started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        )  # fmt: skip
+
+
+def forecast_file(
+    input: str,
+    horizon: int,
+    out: str = "forecasts.csv",
+    ckpt_path: str | None = None,
+    model_name_or_path: str | None = None,
+    context_steps: int | None = None,
+    forecast: ForecastArgs | None = None,
+    id_column: str = ID_COLUMN,
+    time_column: str = TIME_COLUMN,
+    target: list[str] | None = None,
+    batch_size: int = 16,
+    ledger: str | None = None,
+    budget: float = float("inf"),
+    max_figures: int = 12,
+) -> dict[str, Any]:
+    """Forecast ``input``'s series ``horizon`` steps ahead and write ``out`` (see the module);
+    returns what was written and, with ``context_steps``, the metrics summary."""
+    from lit_llmtime.plots import plot_forecast, save_figure
+
+    out_path = Path(out)
+    if out_path.suffix.lower() not in TABLE_SUFFIXES:
+        raise ValueError(f"{out}: the forecasts are a table: name a .csv or .parquet file")
+    if ckpt_path is None and model_name_or_path is None:
+        raise ValueError("forecast needs --ckpt_path (a trained adapter) or --model_name_or_path (a base model alone)")
+    series = load_series(input, id_column, time_column, target)
+    forecast = forecast or ForecastArgs()
+    if ckpt_path is not None:
+        forecaster = Forecaster.from_checkpoint(ckpt_path, model_name_or_path, forecast)
+    else:
+        forecaster = Forecaster.from_model(model_name_or_path, forecast=forecast)
+    context, truth = (series, None) if context_steps is None else split_context(series, context_steps, horizon)
+    charge = LedgerCharge(forecaster, ledger, budget, out_path.stem)
+    prediction = forecaster.predict_series(context, horizon, batch_size=batch_size, before_batch=charge)
+    model = ckpt_path or model_name_or_path
+    charge.settle(prediction, {"model_name_or_path": model, "input": str(input), "horizon": horizon})
+
+    times = (
+        [future_times(t, horizon) for t in context.time]
+        if truth is None
+        else [t[context_steps : context_steps + horizon] for t in series.time]
+    )
+    frame = prediction_frame(context, prediction, id_column, time_column, times)
+    with atomic_path(out_path) as tmp:
+        frame.to_csv(tmp, index=False) if out_path.suffix.lower() == ".csv" else frame.to_parquet(tmp, index=False)
+    lower, upper = prediction.quantiles[:, 0], prediction.quantiles[:, -1]
+    figures = []
+    for row, name in enumerate(context.ids[:max_figures]):
+        axis = np.concatenate([context.time[row], times[row]])
+        figure = plot_forecast(
+            axis, context.values[row], None if truth is None else truth[row], prediction.median[row], lower[row],
+            upper[row], title=f"series {name}", variables=series.variables,
+        )  # fmt: skip
+        figures.append(save_figure(figure, out_path.with_name(f"{out_path.stem}_{name}.png")))
+    written: dict[str, Any] = {"forecasts": out_path, "figures": figures, "prediction": prediction}
+    valid = 100 * float(np.mean(prediction.valid_share))
+    print(f"forecast {len(context)} series {horizon} steps ahead ({valid:.0f}% of steps parsed): {out_path}")
+    if truth is not None:
+        written["summary"] = summary = summarise(_as_predictions(context, truth, prediction, horizon))
+        write_text_atomic(out_path.with_name(f"{out_path.stem}_metrics.json"), json.dumps(summary, indent=2))
+        write_text_atomic(out_path.with_name(f"{out_path.stem}_metrics.md"), markdown_table(summary))
+        metrics = out_path.with_name(f"{out_path.stem}_metrics.md")
+        print(summary_lines(summary, metrics, figures, also=f"{out_path.stem}_metrics.json"))
+    else:
+        print("figures: " + ", ".join(str(f) for f in figures[:4]) + (" ..." if len(figures) > 4 else ""))
+    print(f"generation: {prediction.flops:.3e} FLOPs charged to {ledger or 'no ledger'}")
+    return written
+
+
+def _as_predictions(context: SeriesSet, truth: list[np.ndarray], prediction: Prediction, horizon: int) -> dict:
+    """The dict ``evaluation.summarise`` scores (persistence as the reference)."""
+    prompts = np.stack(context.values)
+    return {
+        "index": np.arange(len(context)), "truth": np.stack(truth), "forecast": prediction.median, "prompt": prompts,
+        "samples": prediction.samples, "valid_share": prediction.valid_share, "variables": context.variables,
+        "references": {"persistence": persistence(prompts, horizon)}, "flops": prediction.flops,
+        "seconds": prediction.seconds, "tokens": prediction.tokens,
+    }  # fmt: skip

@@ -1,0 +1,426 @@
+"""The ``Forecaster``: series in, LLMTIME prompts through our generation loop under the grammar,
+forecasts on the original scale out. ``predict`` and validation call it on the data module's
+batches; users call ``predict`` (arrays) or ``predict_df`` (a long-format DataFrame) on their own
+series, with a trained adapter (``from_checkpoint``) or a base model alone (``from_model``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lit_llmtime.config import DEFAULT_MODEL, EncodingArgs, ForecastArgs, LoRAArgs, as_args
+from lit_llmtime.flops import FlopModel
+from lit_llmtime.forecast import (
+    Forecasts,
+    Generation,
+    GenerationShape,
+    batch_grammar,
+    decode_forecasts,
+    generate,
+    generation_shape,
+)
+from lit_llmtime.grammar import LLMTimeGrammar
+from lit_llmtime.llmtime import STEP_SEPARATOR, encode, scale_alpha
+from lit_llmtime.metrics import QUANTILE_LEVELS
+from lit_llmtime.references import reference_applies, reference_forecast
+from lit_llmtime.series import COURSEWORK_VARIABLES, ID_COLUMN, TIME_COLUMN, SeriesSet, from_arrays, series_from_frame
+
+Progress = Callable[[LLMTimeGrammar, int, float], None]
+
+
+@dataclass
+class ForecastResult:
+    """Forecasts of a batch of trajectories on the original scale, with what they are compared to
+    and what generating them took. Arrays are (B, ...) in the batch's order."""
+
+    index: np.ndarray  # (B,) trajectory indices
+    time: np.ndarray  # (T,) the data set's time axis
+    prompt: np.ndarray  # (B, P, V) observed steps
+    truth: np.ndarray  # (B, H, V) the steps that followed
+    alpha: np.ndarray  # (B,) LLMTIME scales
+    forecast: np.ndarray  # (B, H, V) median over samples
+    lower: np.ndarray  # (B, H, V) 5% quantile
+    upper: np.ndarray  # (B, H, V) 95% quantile
+    samples: np.ndarray  # (B, S, H, V)
+    valid_share: np.ndarray  # (B,) share of generated steps that parsed
+    texts: list[str]  # first sample's generated text per trajectory
+    shape: GenerationShape  # the most the generation could compute (what the budget charged)
+    new_tokens: int  # tokens generated per row
+    seconds: float
+    references: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (B, H, V)
+    flops: float = 0.0  # what the generation cost (the FLOP budget callback sets it)
+    variables: tuple[str, ...] = COURSEWORK_VARIABLES
+
+    @property
+    def tokens(self) -> int:
+        return self.shape.rows * self.new_tokens
+
+    def predictions(self) -> dict:
+        """As the dict that ``evaluation`` merges, saves and summarises."""
+        arrays = ("index", "time", "prompt", "truth", "alpha", "forecast", "lower", "upper", "samples", "valid_share")
+        result = {name: getattr(self, name) for name in arrays}
+        return result | {
+            "texts": self.texts,
+            "references": self.references,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "flops": self.flops,
+            "variables": tuple(self.variables),
+        }
+
+
+@dataclass
+class Prediction:
+    """Forecasts of N series ``horizon`` steps ahead, on the original scale."""
+
+    variables: tuple[str, ...]
+    median: np.ndarray  # (N, H, D): the median over samples (greedy: the forecast itself)
+    quantile_levels: tuple[float, ...]
+    quantiles: np.ndarray  # (N, Q, H, D): the samples' empirical quantiles at quantile_levels
+    samples: np.ndarray  # (N, S, H, D)
+    texts: list[str]  # each series' first sample as generated
+    valid_share: np.ndarray  # (N,): share of generated steps that parsed (1.0 under the grammar)
+    alpha: np.ndarray  # (N,): each series' LLMTIME scale
+    flops: float  # what generating cost (0.0 without a FLOP model)
+    flops_bound: float  # the most it could have cost: what a budget charges before generating
+    tokens: int  # tokens generated, all rows
+    seconds: float
+
+
+def left_padded(token_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of prompts left-padded to the longest (generation appends on the right)."""
+    length = max(len(ids) for ids in token_ids)
+    input_ids = torch.full((len(token_ids), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(token_ids), length), dtype=torch.long)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, length - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
+def future_times(time: np.ndarray, horizon: int) -> np.ndarray:
+    """``horizon`` time stamps after a series' ``time``, at its inferred step (timestamps: the
+    inferred frequency, else the median step; numbers: the median step, 1 for one point)."""
+    import pandas as pd
+
+    if np.issubdtype(time.dtype, np.datetime64):
+        index = pd.DatetimeIndex(time)
+        frequency = pd.infer_freq(index) if len(index) >= 3 else None
+        if frequency is not None:
+            return pd.date_range(index[-1], periods=horizon + 1, freq=frequency)[1:].to_numpy()
+        step = np.median(np.diff(time)) if len(time) > 1 else np.timedelta64(1, "D")
+        return time[-1] + step * np.arange(1, horizon + 1)
+    step = float(np.median(np.diff(time))) if len(time) > 1 else 1.0
+    return float(time[-1]) + step * np.arange(1, horizon + 1)
+
+
+class Forecaster:
+    """Forecasts with a causal LM: LLMTIME prompts, our generation loop under the LLMTIME grammar,
+    decoded back to the original scale (reference forecasters on the same prompts on request).
+
+    Args:
+        model: a Hugging Face causal LM (LoRA layers in place or not).
+        tokenizer: the tokenizer the prompts are written with.
+        forecast: generation settings (samples, temperature, top-p, grammar).
+        encoding: how series become text (decimals; ``scale_from``: see ``scale_of``).
+        compile: a static KV cache and a compiled per-token step (CUDA).
+        flop_model: the model's FLOP model, so ``predict`` reports what generating cost.
+        dataset_alpha: the training split's scale, for models trained with ``scale_from: dataset``.
+        variables: the variables an adapter was trained on: contexts must have as many, and
+            forecasts are named by them (default: any number, named as the data names them).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        forecast: ForecastArgs,
+        encoding: EncodingArgs,
+        compile: bool = False,
+        flop_model: FlopModel | None = None,
+        dataset_alpha: float | None = None,
+        variables: tuple[str, ...] | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.settings, self.encoding = model, tokenizer, forecast, encoding
+        self.compile, self.flop_model, self.dataset_alpha = compile, flop_model, dataset_alpha
+        self.variables = None if variables is None else tuple(variables)
+
+    @classmethod
+    def from_module(cls, module, forecast: ForecastArgs | None = None) -> Forecaster:
+        """The forecaster of an ``LLMTimeLoRA`` (adapters used as they are, never merged)."""
+        from lit_llmtime.callbacks import flop_model_for
+
+        return cls(
+            module.model, module.tokenizer, forecast or module.forecast, module.encoding, module.compiled_generation(),
+            flop_model_for(module), getattr(module, "dataset_alpha", None), getattr(module, "variables", None),
+        )  # fmt: skip
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        model_name_or_path: str | None = None,
+        forecast: ForecastArgs | dict | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Forecaster:
+        """A trained adapter on its base model: the checkpoint's settings (encoding, LoRA, base model;
+        ``model_name_or_path`` where the base model is now), ``forecast`` for the generation."""
+        from lit_llmtime.model import LLMTimeLoRA
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such checkpoint")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            hparams = dict(checkpoint["hyper_parameters"])
+        except (RuntimeError, EOFError, OSError, KeyError) as error:
+            raise ValueError(f"{path}: not a lit-llmtime checkpoint ({error})") from error
+        if model_name_or_path is not None:
+            hparams["model_name_or_path"] = model_name_or_path
+        module = LLMTimeLoRA(**hparams, forecast=as_args(ForecastArgs, forecast or ForecastArgs()))
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"], strict=False)
+        module.dataset_alpha, module.variables = checkpoint.get("dataset_alpha"), checkpoint.get("variables")
+        return cls.from_module(module.to(device).eval())
+
+    @classmethod
+    def from_model(
+        cls,
+        model_name_or_path: str = DEFAULT_MODEL,
+        model_config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        encoding: EncodingArgs | dict | None = None,
+        forecast: ForecastArgs | dict | None = None,
+        device: str | torch.device = "cpu",
+        **model_args: Any,
+    ) -> Forecaster:
+        """A base model with no adapter (the untrained baseline); ``model_args`` as ``LLMTimeLoRA``'s."""
+        from lit_llmtime.data import OFFLINE_TOKENIZER
+        from lit_llmtime.model import LLMTimeLoRA
+
+        module = LLMTimeLoRA(
+            model_name_or_path, model_config, tokenizer=tokenizer or OFFLINE_TOKENIZER, lora=LoRAArgs(targets=[]),
+            encoding=as_args(EncodingArgs, encoding or EncodingArgs()),
+            forecast=as_args(ForecastArgs, forecast or ForecastArgs()), **model_args,
+        )  # fmt: skip
+        return cls.from_module(module.to(device).eval())
+
+    # -- batches of the data module (predict, validation) --------------------------------------
+    def horizon(self, batch: dict) -> int:
+        """Steps to forecast: the batch's own ``horizon`` (validation forecasts), else ``forecast_steps``."""
+        return int(batch["horizon"]) if "horizon" in batch else self.settings.forecast_steps
+
+    def shape(self, batch: dict, horizon: int | None = None) -> GenerationShape:
+        """What forecasting this batch computes at most (the FLOP budget charges it beforehand)."""
+        horizon = self.horizon(batch) if horizon is None else horizon
+        grammar = batch_grammar(self.tokenizer, batch, self.settings, self.encoding.decimals, horizon)
+        return generation_shape(batch["input_ids"], grammar, self.compile)
+
+    def __call__(
+        self,
+        batch: dict,
+        horizon: int | None = None,
+        references: tuple[str, ...] | list[str] = (),
+        progress: Progress | None = None,
+        generator: torch.Generator | None = None,
+    ) -> ForecastResult:
+        """Forecast ``horizon`` steps (default: see ``horizon``) of every prompt in ``batch``."""
+        horizon = self.horizon(batch) if horizon is None else horizon
+        future = batch["future"][:, :horizon]
+        known = (~torch.isnan(future).any(dim=-1)).sum(dim=1) if future.numel() else torch.zeros(len(future))
+        if future.shape[1] < horizon or bool((known < horizon).any()):
+            row = int(torch.argmin(known)) if len(known) else 0
+            raise ValueError(
+                f"trajectory {int(batch['index'][row])} has {int(known[row])} steps after the prompt, fewer than "
+                f"the {horizon} to forecast"
+            )
+        prompts, time_axis = batch["prompt"].cpu().numpy(), batch["time"].cpu().numpy()
+        shape, generation, decoded = self.generate_batch(batch, horizon, self.settings, progress, generator)
+        return ForecastResult(
+            index=batch["index"].cpu().numpy(),
+            time=time_axis,
+            prompt=prompts,
+            truth=future.cpu().numpy(),
+            alpha=batch["alpha"].cpu().numpy(),
+            forecast=decoded.forecast,
+            lower=decoded.lower,
+            upper=decoded.upper,
+            samples=decoded.samples,
+            valid_share=decoded.valid_share,
+            texts=decoded.texts,
+            shape=shape,
+            new_tokens=generation.tokens.shape[1],
+            seconds=generation.seconds,
+            references={
+                name: reference_forecast(name, prompts, time_axis, horizon)
+                for name in references
+                if reference_applies(name, prompts)
+            },
+            variables=tuple(batch.get("variables") or COURSEWORK_VARIABLES),
+        )
+
+    def generate_batch(
+        self,
+        batch: dict,
+        horizon: int,
+        settings: ForecastArgs,
+        progress: Progress | None = None,
+        generator: torch.Generator | None = None,
+        before: Callable[[GenerationShape], None] | None = None,
+    ) -> tuple[GenerationShape, Generation, Forecasts]:
+        """Generate and decode ``horizon`` steps after each left-padded prompt of ``batch``
+        (``input_ids``, ``attention_mask``, (B, P, D) ``prompt`` and (B,) ``alpha``); ``before``
+        sees what it will compute at most, first (and may refuse by raising)."""
+        grammar = batch_grammar(self.tokenizer, batch, settings, self.encoding.decimals, horizon)
+        shape = generation_shape(batch["input_ids"], grammar, self.compile)
+        if before is not None:
+            before(shape)
+        generation = generate(
+            self.model, batch["input_ids"], batch["attention_mask"], grammar, shape.max_new_tokens,
+            settings.num_samples, settings.temperature, settings.top_p, generator=generator, progress=progress,
+            compile=self.compile, static=self.compile,
+        )  # fmt: skip
+        texts = self.tokenizer.batch_decode(generation.tokens, skip_special_tokens=True)
+        alphas, prompts = batch["alpha"].cpu().numpy(), batch["prompt"].cpu().numpy()
+        return shape, generation, decode_forecasts(texts, alphas, prompts, horizon)
+
+    # -- users' series -------------------------------------------------------------------------
+    def scale_of(self, context: np.ndarray) -> float:
+        """A context's LLMTIME scale: the training split's (``scale_from: dataset``, stored in the
+        checkpoint), else the context's own (all a forecast can see)."""
+        if self.encoding.scale_from != "dataset":
+            return scale_alpha(context)
+        if self.dataset_alpha is None:
+            raise ValueError("this model was trained with scale_from=dataset: pass alpha= (the training split's scale)")
+        return float(self.dataset_alpha)
+
+    def predict(
+        self,
+        context,
+        horizon: int,
+        num_samples: int | None = None,
+        quantile_levels: tuple[float, ...] | list[float] = QUANTILE_LEVELS,
+        alpha: float | list[float] | np.ndarray | None = None,
+        batch_size: int = 16,
+        generator: torch.Generator | None = None,
+        before_batch: Callable[[GenerationShape], None] | None = None,
+    ) -> Prediction:
+        """Forecast ``horizon`` steps after each context: one (T, D) array, an (N, T, D) array or a
+        list of (T_i, D) arrays of different lengths (a 1-D array is one variable). ``alpha``
+        overrides the scales (see ``scale_of``); ``num_samples`` the configured samples (1:
+        greedy). ``before_batch`` sees each batch's FLOP bound before it runs (a budget's charge)."""
+        series = from_arrays(context, source="context")
+        if self.variables is not None and len(self.variables) == len(series.variables):
+            series.variables = self.variables
+        return self.predict_series(series, horizon, num_samples, quantile_levels, alpha, batch_size, generator,
+                                   before_batch)  # fmt: skip
+
+    def predict_series(
+        self,
+        series: SeriesSet,
+        horizon: int,
+        num_samples: int | None = None,
+        quantile_levels: tuple[float, ...] | list[float] = QUANTILE_LEVELS,
+        alpha: float | list[float] | np.ndarray | None = None,
+        batch_size: int = 16,
+        generator: torch.Generator | None = None,
+        before_batch: Callable[[GenerationShape], None] | None = None,
+    ) -> Prediction:
+        """``predict`` of a checked ``SeriesSet``."""
+        if horizon < 1 or batch_size < 1:
+            raise ValueError(f"horizon and batch_size must be >= 1, got {horizon} and {batch_size}")
+        if self.variables is not None and len(self.variables) != len(series.variables):
+            raise ValueError(
+                f"this adapter was trained on {len(self.variables)} variables {self.variables}; "
+                f"the context has {len(series.variables)}"
+            )
+        values = series.values
+        alphas = (
+            np.array([self.scale_of(v) for v in values])
+            if alpha is None
+            else np.broadcast_to(np.asarray(alpha, dtype=np.float64), (len(values),))
+        )
+        settings = self.settings if num_samples is None else replace(self.settings, num_samples=num_samples)
+        texts = [encode(v, alpha=a, decimals=self.encoding.decimals, name=f"series {i}")[0] + STEP_SEPARATOR
+                 for i, v, a in zip(series.ids, values, alphas, strict=True)]  # fmt: skip
+        token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        device = next(self.model.parameters()).device
+        parts, bound, spent, seconds, tokens = [], 0.0, 0.0, 0.0, 0
+        for start in range(0, len(values), batch_size):
+            rows = range(start, min(start + batch_size, len(values)))
+            input_ids, attention_mask = left_padded([token_ids[r] for r in rows], self.tokenizer.pad_token_id)
+            longest = max(len(values[r]) for r in rows)
+            prompt = np.full((len(rows), longest, len(series.variables)), np.nan)  # left-padded like the tokens
+            for row, r in enumerate(rows):
+                prompt[row, longest - len(values[r]) :] = values[r]
+            batch = {
+                "input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+                "prompt": torch.from_numpy(prompt), "alpha": torch.from_numpy(alphas[list(rows)].copy()),
+            }  # fmt: skip
+            shape, generation, decoded = self.generate_batch(batch, horizon, settings, None, generator, before_batch)
+            if self.flop_model is not None:
+                bound += shape.flops(self.flop_model)
+                spent += shape.flops(self.flop_model, generation.tokens.shape[1])
+            seconds, tokens = seconds + generation.seconds, tokens + generation.tokens.numel()
+            parts.append(decoded)
+        samples = np.concatenate([part.samples for part in parts])
+        levels = tuple(float(level) for level in quantile_levels)
+        return Prediction(
+            variables=series.variables,
+            median=np.concatenate([part.forecast for part in parts]),
+            quantile_levels=levels,
+            quantiles=np.moveaxis(np.quantile(samples, levels, axis=1), 0, 1),
+            samples=samples,
+            texts=[text for part in parts for text in part.texts],
+            valid_share=np.concatenate([part.valid_share for part in parts]),
+            alpha=np.asarray(alphas, dtype=np.float64),
+            flops=spent,
+            flops_bound=bound,
+            tokens=tokens,
+            seconds=seconds,
+        )
+
+    def predict_df(
+        self,
+        df,
+        prediction_length: int,
+        id_column: str = ID_COLUMN,
+        timestamp_column: str = TIME_COLUMN,
+        target: list[str] | None = None,
+        num_samples: int | None = None,
+        quantile_levels: tuple[float, ...] | list[float] = QUANTILE_LEVELS,
+        **predict_args: Any,
+    ):
+        """Forecast every series of a long-format DataFrame (as Chronos' ``predict_df``): one row
+        per series and future time stamp (continued at each series' inferred frequency), a column
+        per variable (the median) and ``<variable>_<level>`` per quantile level."""
+        series = series_from_frame(df, id_column, timestamp_column, target, source="DataFrame")
+        prediction = self.predict_series(series, prediction_length, num_samples, quantile_levels, **predict_args)
+        return prediction_frame(series, prediction, id_column, timestamp_column)
+
+
+def prediction_frame(series: SeriesSet, prediction: Prediction, id_column: str = ID_COLUMN,
+                     time_column: str = TIME_COLUMN, times: list[np.ndarray] | None = None):  # fmt: skip
+    """A long DataFrame of ``prediction``: series id, time (``times``, default: each series' own
+    continued), the median per variable and its quantiles as ``<variable>_<level>``."""
+    import pandas as pd
+
+    horizon = prediction.median.shape[1]
+    frames = []
+    for row, name in enumerate(series.ids):
+        columns: dict[str, Any] = {
+            id_column: name,
+            time_column: future_times(series.time[row], horizon) if times is None else times[row],
+        }
+        for k, variable in enumerate(series.variables):
+            columns[variable] = prediction.median[row, :, k]
+            for q, level in enumerate(prediction.quantile_levels):
+                columns[f"{variable}_{level:g}"] = prediction.quantiles[row, q, :, k]
+        frames.append(pd.DataFrame(columns))
+    return pd.concat(frames, ignore_index=True)
