@@ -12,10 +12,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_llmtime.data import DEFAULT_DATA_PATH, OFFLINE_TOKENIZER
 from lit_llmtime.flops import Accounting
+from lit_llmtime.forecast_file import forecast_file
 from lit_llmtime.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, BudgetExhausted, Ledger, LedgerError
-from lit_llmtime.plan import flop_model_of, plan_fit, plan_predict, step_flops, world_size
+from lit_llmtime.plan import flop_model_of, plan_evaluate, plan_fit, plan_predict, step_flops, world_size
 from lit_llmtime.run import LIGHTNING_SUBCOMMANDS, lightning_cli, resolve_run
-from lit_llmtime.series import ID_COLUMN, TIME_COLUMN, DataFileError
+from lit_llmtime.series import DataFileError
 from lit_llmtime.signals import Interrupted
 
 
@@ -131,6 +132,10 @@ def flops(args: list[str], accounting: Accounting | None = None) -> None:
         if plan.val_forecast_flops:
             print(f"    of it, forecasts   {plan.val_forecast_flops:.4e}  (at most; data.forecast_validation)")
         print(f"  whole fit            {plan.flops:.4e}  ({100 * plan.flops / budget:.4f}% of the budget, {share})")
+        for stage in ("validate", "test"):
+            batches, evaluation = plan_evaluate(config, stage, accounting)
+            print(f"  {stage + ', one pass':20s} {evaluation:.4e}  ({batches} batches a device"
+                  + ("; forecasts at most)" if stage == "validate" and plan.val_forecast_flops else ")"))  # fmt: skip
         try:
             trajectories, generation = plan_predict(config, accounting)
             print(f"  predict, at most     {generation:.4e}  ({trajectories} trajectories, "
@@ -138,52 +143,6 @@ def flops(args: list[str], accounting: Accounting | None = None) -> None:
         except ValueError as error:  # e.g. predict_indices that this data file does not hold
             print(f"  (predict not planned: {error})")
     print(f"  ledger {budget_args.ledger}: {spent:.4e} spent, {left:.4e} left")
-
-
-def forecast(
-    input: str,
-    horizon: int,
-    out: str = "forecasts.csv",
-    ckpt_path: str | None = None,
-    model_name_or_path: str | None = None,
-    context_steps: int | None = None,
-    num_samples: int = 1,
-    id_column: str = ID_COLUMN,
-    time_column: str = TIME_COLUMN,
-    target: list[str] | None = None,
-    batch_size: int = 16,
-    ledger: str = DEFAULT_LEDGER,
-    budget: float = DEFAULT_BUDGET,
-) -> None:
-    """Forecast every series of a data file (CSV, parquet, npy, h5) and write them as a table.
-
-    Args:
-        input: the data file (see `data.data_path`: a long table of series id, time and variables).
-        horizon: steps to forecast after each series.
-        out: the forecasts (.csv or .parquet): series id, time, each variable's median and its
-            quantiles; figures `<out>_<series>.png` beside it.
-        ckpt_path: a trained adapter (a fit's checkpoint) with the settings it was trained with.
-        model_name_or_path: where the base model is (default: the checkpoint's); alone, a base
-            model without an adapter.
-        context_steps: use each series' first this many steps as the context and score the
-            forecast against the steps after them (metrics beside the forecasts); default: the
-            whole series is the context and the forecast continues past its end.
-        num_samples: forecasts per series: 1 is greedy, more are sampled (median and quantiles).
-        id_column: the table's series id column.
-        time_column: the table's time column (numbers or timestamps).
-        target: the table's columns to forecast (default: all others; a checkpoint's model expects
-            as many as it was trained on).
-        batch_size: series per generation batch.
-        ledger: the FLOP ledger the generation is charged to.
-        budget: the FLOP budget.
-    """
-    from lit_llmtime.config import ForecastArgs
-    from lit_llmtime.forecast_file import forecast_file
-
-    forecast_file(
-        input, horizon, out, ckpt_path, model_name_or_path, context_steps, ForecastArgs(num_samples=num_samples),
-        id_column, time_column, target, batch_size, ledger, budget,
-    )  # fmt: skip
 
 
 def ledger(path: str = DEFAULT_LEDGER, budget: float = DEFAULT_BUDGET) -> None:
@@ -241,7 +200,7 @@ TOOLS = {
     "simulate": simulate,
     "encode": encode,
     "encode-check": encode_check,
-    "forecast": forecast,
+    "forecast": forecast_file,
     "flops": flops,
     "ledger": ledger,
     "sweep": sweep,

@@ -311,9 +311,9 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         """Simulate the data file once (rank 0 only) if it is missing and that is allowed."""
         path = Path(self.hparams.data_path)
         if not path.is_file() and self.hparams.simulate_if_missing:
-            from lit_llmtime.simulate import simulate, write_h5
+            from lit_llmtime.simulate import simulate, write_simulation
 
-            write_h5(path, *simulate(n=self.hparams.simulate_n, seed=self.hparams.seed))
+            write_simulation(path, *simulate(n=self.hparams.simulate_n, seed=self.hparams.seed))
 
     def setup(self, stage: str | None = None) -> None:
         """Load, split, encode and tokenize (once); prompts only for ``predict``."""
@@ -348,8 +348,11 @@ class LotkaVolterraDataModule(L.LightningDataModule):
             labels_from = None
             if split == "train" and hp.packing:
                 token_ids = pack(token_ids, self.tokenizer.eos_token_id)
-            elif split == "train" and hp.train_loss == "forecast":
-                labels_from = [len(ids) for ids in self._prompts(indices).token_ids]
+            elif split == "train" and hp.train_loss == "forecast":  # a series no longer than a prompt: no labels
+                long = [i for i in indices if len(values[i]) > self.encoding.prompt_steps]
+                prompts = self._prompts(np.array(long, dtype=np.int64)).token_ids
+                prompt_tokens = {i: len(ids) for i, ids in zip(long, prompts, strict=True)}
+                labels_from = [prompt_tokens.get(i, len(ids)) for i, ids in zip(indices, token_ids, strict=True)]
             pad = self.tokenizer.pad_token_id
             windows = chunk_windows(
                 token_ids, hp.context_length, strides[split], pad, cover_end=split == "train", labels_from=labels_from
@@ -360,7 +363,7 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         """The first ``forecast_validation.trajectories`` validation series long enough for a
         prompt and the horizon, as prompts."""
         settings, needed = self.forecast_validation, self.encoding.prompt_steps + self.forecast_validation.horizon
-        if not settings.trajectories:
+        if not settings.trajectories or not len(self.splits["val"]):
             return self._prompts(np.array([], dtype=np.int64))
         chosen = [i for i in self.splits["val"] if len(self.series.values[i]) >= needed]
         if not chosen:

@@ -20,8 +20,9 @@ def merge_predictions(parts: list[dict[str, Any]]) -> dict[str, Any]:
     (from a distributed sampler's padding) dropped."""
     merged: dict[str, Any] = {key: np.concatenate([p[key] for p in parts]) for key in ARRAYS}
     merged["texts"] = [text for p in parts for text in p["texts"]]
-    merged["references"] = {
-        name: np.concatenate([p["references"][name] for p in parts]) for name in parts[0]["references"]
+    common = [name for name in parts[0]["references"] if all(name in p["references"] for p in parts)]
+    merged["references"] = {  # a reference that could not forecast every batch (negative values) is left out
+        name: np.concatenate([p["references"][name] for p in parts]) for name in common
     }
     _, first = np.unique(merged["index"], return_index=True)
     order = first[np.argsort(merged["index"][first])]

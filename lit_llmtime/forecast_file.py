@@ -5,6 +5,7 @@ with figures beside it, and scored when the file holds the truth (``context_step
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from lit_llmtime.evaluation import markdown_table, summarise, summary_lines
 from lit_llmtime.forecast import GenerationShape
 from lit_llmtime.forecaster import Forecaster, Prediction, future_times, prediction_frame
 from lit_llmtime.io import atomic_path, write_text_atomic
-from lit_llmtime.ledger import Budget, BudgetExhausted
+from lit_llmtime.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, BudgetExhausted
 from lit_llmtime.references import persistence
 from lit_llmtime.series import ID_COLUMN, TABLE_SUFFIXES, TIME_COLUMN, SeriesSet, load_series
 
@@ -35,13 +36,15 @@ def split_context(series: SeriesSet, context_steps: int, horizon: int) -> tuple[
 
 
 class LedgerCharge:
-    """Charges each generation batch's FLOP bound before it runs (refusing when it does not fit),
-    then refunds what generation did not use, and describes the run: as the budget does for predict."""
+    """Charges each generation batch's FLOP bound before it runs (refusing one that does not fit),
+    refunds what generation did not use, and describes the run: as the budget does for predict.
+    Used as a context manager, a run that fails or is refused part-way is settled too."""
 
-    def __init__(self, forecaster: Forecaster, ledger: str | None, budget: float, name: str) -> None:
-        self.forecaster, self.authority, self.name = forecaster, Budget(ledger, budget), name
+    def __init__(self, forecaster: Forecaster, ledger: str | None, budget: float, name: str, config: dict) -> None:
+        self.forecaster, self.authority, self.name, self.config = forecaster, Budget(ledger, budget), name, config
         self.run_id = f"{name}/forecast/{time.strftime('%Y%m%dT%H%M%S')}"
-        self.charged = 0.0
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.charged, self.spent = 0.0, 0.0
 
     def __call__(self, shape: GenerationShape) -> None:
         cost = shape.flops(self.forecaster.flop_model)
@@ -50,12 +53,19 @@ class LedgerCharge:
             raise BudgetExhausted(f"FLOP budget: forecast needs {cost:.3e} FLOPs for its next batch; {left:.3e} left")
         self.charged += cost
 
-    def settle(self, prediction: Prediction, config: dict[str, Any]) -> None:
-        self.authority.refund(self.run_id, self.charged - prediction.flops, "generate")
-        self.authority.ledger.update(
-            self.run_id, name=self.name, stage="forecast", status="finished", config=config,
-            started=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        )  # fmt: skip
+    def __enter__(self) -> LedgerCharge:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """Refund the unused bound (all of it when generation failed: a batch's cost is known only
+        when it finishes) and record how the run ended."""
+        self.authority.refund(self.run_id, self.charged - self.spent, "generate")
+        if self.charged or kind is None:
+            status = "finished" if kind is None else f"failed: {kind.__name__}"
+            if isinstance(error, BudgetExhausted):
+                status = f"refused: {error}"
+            self.authority.ledger.update(self.run_id, name=self.name, stage="forecast", status=status,
+                                         config=self.config, started=self.started)  # fmt: skip
 
 
 def forecast_file(
@@ -65,17 +75,40 @@ def forecast_file(
     ckpt_path: str | None = None,
     model_name_or_path: str | None = None,
     context_steps: int | None = None,
-    forecast: ForecastArgs | None = None,
+    num_samples: int = 1,
     id_column: str = ID_COLUMN,
     time_column: str = TIME_COLUMN,
     target: list[str] | None = None,
     batch_size: int = 16,
-    ledger: str | None = None,
-    budget: float = float("inf"),
+    ledger: str | None = DEFAULT_LEDGER,
+    budget: float = DEFAULT_BUDGET,
     max_figures: int = 12,
 ) -> dict[str, Any]:
-    """Forecast ``input``'s series ``horizon`` steps ahead and write ``out`` (see the module);
-    returns what was written and, with ``context_steps``, the metrics summary."""
+    """Forecast every series of a data file (CSV, parquet, npy, h5) and write them as a table.
+
+    Args:
+        input: the data file (see `data.data_path`: a long table of series id, time and variables).
+        horizon: steps to forecast after each series.
+        out: the forecasts (.csv or .parquet): series id, time, each variable's median and its
+            quantiles; figures `<out>_<series>.png` beside it.
+        ckpt_path: a trained adapter (a fit's checkpoint) with the settings it was trained with.
+        model_name_or_path: where the base model is (default: the checkpoint's); alone, a base
+            model without an adapter.
+        context_steps: use each series' first this many steps as the context and score the
+            forecast against the steps after them (metrics beside the forecasts); default: the
+            whole series is the context and the forecast continues past its end.
+        num_samples: forecasts per series: 1 is greedy, more are sampled (median and quantiles).
+        id_column: the table's series id column.
+        time_column: the table's time column (numbers or timestamps).
+        target: the table's columns to forecast (default: all others; a checkpoint's model expects
+            as many as it was trained on).
+        batch_size: series per generation batch.
+        ledger: the FLOP ledger the generation is charged to.
+        budget: the FLOP budget.
+        max_figures: figures are drawn for at most this many series.
+
+    Returns what was written and, with ``context_steps``, the metrics summary.
+    """
     from lit_llmtime.plots import plot_forecast, save_figure
 
     out_path = Path(out)
@@ -84,26 +117,26 @@ def forecast_file(
     if ckpt_path is None and model_name_or_path is None:
         raise ValueError("forecast needs --ckpt_path (a trained adapter) or --model_name_or_path (a base model alone)")
     series = load_series(input, id_column, time_column, target)
-    forecast = forecast or ForecastArgs()
+    forecast = ForecastArgs(num_samples=num_samples)
     if ckpt_path is not None:
         forecaster = Forecaster.from_checkpoint(ckpt_path, model_name_or_path, forecast)
     else:
         forecaster = Forecaster.from_model(model_name_or_path, forecast=forecast)
     context, truth = (series, None) if context_steps is None else split_context(series, context_steps, horizon)
-    charge = LedgerCharge(forecaster, ledger, budget, out_path.stem)
-    prediction = forecaster.predict_series(context, horizon, batch_size=batch_size, before_batch=charge)
-    model = ckpt_path or model_name_or_path
-    charge.settle(prediction, {"model_name_or_path": model, "input": str(input), "horizon": horizon})
-
     times = (
         [future_times(t, horizon) for t in context.time]
         if truth is None
         else [t[context_steps : context_steps + horizon] for t in series.time]
-    )
+    )  # before generating: a time axis that cannot be continued stops the run before it is paid for
+    config = {"model_name_or_path": ckpt_path or model_name_or_path, "input": str(input), "horizon": horizon}
+    with LedgerCharge(forecaster, ledger, budget, out_path.stem, config) as charge:
+        prediction = forecaster.predict(context, horizon, batch_size=batch_size, before_batch=charge)
+        charge.spent = prediction.flops
+
     frame = prediction_frame(context, prediction, id_column, time_column, times)
     with atomic_path(out_path) as tmp:
         frame.to_csv(tmp, index=False) if out_path.suffix.lower() == ".csv" else frame.to_parquet(tmp, index=False)
-    lower, upper = prediction.quantiles[:, 0], prediction.quantiles[:, -1]
+    lower, upper = np.quantile(prediction.samples, [0.05, 0.95], axis=1)  # the figures' 5-95% band, as predict's
     figures = []
     for row, name in enumerate(context.ids[:max_figures]):
         axis = np.concatenate([context.time[row], times[row]])
@@ -111,7 +144,8 @@ def forecast_file(
             axis, context.values[row], None if truth is None else truth[row], prediction.median[row], lower[row],
             upper[row], title=f"series {name}", variables=series.variables,
         )  # fmt: skip
-        figures.append(save_figure(figure, out_path.with_name(f"{out_path.stem}_{name}.png")))
+        safe = re.sub(r"[^\w.-]", "_", name)  # a series id is not always a file name
+        figures.append(save_figure(figure, out_path.with_name(f"{out_path.stem}_{safe}.png")))
     written: dict[str, Any] = {"forecasts": out_path, "figures": figures, "prediction": prediction}
     valid = 100 * float(np.mean(prediction.valid_share))
     print(f"forecast {len(context)} series {horizon} steps ahead ({valid:.0f}% of steps parsed): {out_path}")

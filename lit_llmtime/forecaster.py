@@ -29,7 +29,6 @@ from lit_llmtime.forecast import (
 from lit_llmtime.grammar import LLMTimeGrammar
 from lit_llmtime.llmtime import STEP_SEPARATOR, encode, scale_alpha
 from lit_llmtime.metrics import QUANTILE_LEVELS
-from lit_llmtime.references import reference_applies, reference_forecast
 from lit_llmtime.series import COURSEWORK_VARIABLES, ID_COLUMN, TIME_COLUMN, SeriesSet, from_arrays, series_from_frame
 
 Progress = Callable[[LLMTimeGrammar, int, float], None]
@@ -57,6 +56,24 @@ class ForecastResult:
     references: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (B, H, V)
     flops: float = 0.0  # what the generation cost (the FLOP budget callback sets it)
     variables: tuple[str, ...] = COURSEWORK_VARIABLES
+
+    @classmethod
+    def of(cls, batch: dict, future: torch.Tensor, shape: GenerationShape, generation: Generation,
+           decoded: Forecasts, references=()) -> ForecastResult:  # fmt: skip
+        """The result of generating ``batch``, with the ``references`` that apply to its prompts."""
+        from lit_llmtime.references import reference_applies, reference_forecast  # scipy, only when asked
+
+        prompts, time_axis = batch["prompt"].cpu().numpy(), batch["time"].cpu().numpy()
+        horizon = future.shape[1]
+        return cls(
+            index=batch["index"].cpu().numpy(), time=time_axis, prompt=prompts, truth=future.cpu().numpy(),
+            alpha=batch["alpha"].cpu().numpy(), forecast=decoded.forecast, lower=decoded.lower, upper=decoded.upper,
+            samples=decoded.samples, valid_share=decoded.valid_share, texts=decoded.texts, shape=shape,
+            new_tokens=generation.tokens.shape[1], seconds=generation.seconds,
+            references={name: reference_forecast(name, prompts, time_axis, horizon) for name in references
+                        if reference_applies(name, prompts)},
+            variables=tuple(batch.get("variables") or COURSEWORK_VARIABLES),
+        )  # fmt: skip
 
     @property
     def tokens(self) -> int:
@@ -93,6 +110,32 @@ class Prediction:
     tokens: int  # tokens generated, all rows
     seconds: float
 
+    @classmethod
+    def empty(cls, variables: tuple[str, ...], levels, alphas: np.ndarray) -> Prediction:
+        """No series yet (``add`` appends batches)."""
+        width, levels = len(variables), tuple(float(level) for level in levels)
+        return cls(
+            variables=tuple(variables), median=np.empty((0, 0, width)), quantile_levels=levels,
+            quantiles=np.empty((0, len(levels), 0, width)), samples=np.empty((0, 0, 0, width)), texts=[],
+            valid_share=np.empty(0), alpha=np.asarray(alphas, dtype=np.float64), flops=0.0, flops_bound=0.0,
+            tokens=0, seconds=0.0,
+        )  # fmt: skip
+
+    def add(self, decoded: Forecasts, generation: Generation, shape: GenerationShape, flop_model) -> None:
+        """Append a batch's forecasts and what generating them took."""
+        quantiles = np.moveaxis(np.quantile(decoded.samples, self.quantile_levels, axis=1), 0, 1)
+        first = not len(self.texts)
+        self.median = decoded.forecast if first else np.concatenate([self.median, decoded.forecast])
+        self.quantiles = quantiles if first else np.concatenate([self.quantiles, quantiles])
+        self.samples = decoded.samples if first else np.concatenate([self.samples, decoded.samples])
+        self.valid_share = np.concatenate([self.valid_share, decoded.valid_share])
+        self.texts = self.texts + decoded.texts
+        if flop_model is not None:
+            self.flops_bound += shape.flops(flop_model)
+            self.flops += shape.flops(flop_model, generation.tokens.shape[1])
+        self.tokens += generation.tokens.numel()
+        self.seconds += generation.seconds
+
 
 def left_padded(token_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of prompts left-padded to the longest (generation appends on the right)."""
@@ -119,6 +162,20 @@ def future_times(time: np.ndarray, horizon: int) -> np.ndarray:
         return time[-1] + step * np.arange(1, horizon + 1)
     step = float(np.median(np.diff(time))) if len(time) > 1 else 1.0
     return float(time[-1]) + step * np.arange(1, horizon + 1)
+
+
+def check_future(batch: dict, horizon: int) -> torch.Tensor:
+    """The batch's (B, horizon, D) truth, or ValueError naming a trajectory that ends sooner."""
+    future = batch["future"][:, :horizon]
+    known = (~torch.isnan(future).any(dim=-1)).sum(dim=1)
+    if future.shape[1] < horizon or bool((known < horizon).any()):
+        row = int(torch.argmin(known)) if len(known) else 0
+        steps = int(known[row]) if len(known) else 0
+        raise ValueError(
+            f"trajectory {int(batch['index'][row])} has {steps} steps after the prompt, fewer than the {horizon} "
+            "to forecast (forecast.forecast_steps)"
+        )
+    return future
 
 
 class Forecaster:
@@ -155,7 +212,7 @@ class Forecaster:
     @classmethod
     def from_module(cls, module, forecast: ForecastArgs | None = None) -> Forecaster:
         """The forecaster of an ``LLMTimeLoRA`` (adapters used as they are, never merged)."""
-        from lit_llmtime.callbacks import flop_model_for
+        from lit_llmtime.budget import flop_model_for
 
         return cls(
             module.model, module.tokenizer, forecast or module.forecast, module.encoding, module.compiled_generation(),
@@ -172,22 +229,7 @@ class Forecaster:
     ) -> Forecaster:
         """A trained adapter on its base model: the checkpoint's settings (encoding, LoRA, base model;
         ``model_name_or_path`` where the base model is now), ``forecast`` for the generation."""
-        from lit_llmtime.model import LLMTimeLoRA
-
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such checkpoint")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            hparams = dict(checkpoint["hyper_parameters"])
-        except (RuntimeError, EOFError, OSError, KeyError) as error:
-            raise ValueError(f"{path}: not a lit-llmtime checkpoint ({error})") from error
-        if model_name_or_path is not None:
-            hparams["model_name_or_path"] = model_name_or_path
-        module = LLMTimeLoRA(**hparams, forecast=as_args(ForecastArgs, forecast or ForecastArgs()))
-        module.on_load_checkpoint(checkpoint)
-        module.load_state_dict(checkpoint["state_dict"], strict=False)
-        module.dataset_alpha, module.variables = checkpoint.get("dataset_alpha"), checkpoint.get("variables")
-        return cls.from_module(module.to(device).eval())
+        return cls.from_module(checkpoint_module(path, model_name_or_path, forecast).to(device).eval())
 
     @classmethod
     def from_model(
@@ -201,14 +243,7 @@ class Forecaster:
         **model_args: Any,
     ) -> Forecaster:
         """A base model with no adapter (the untrained baseline); ``model_args`` as ``LLMTimeLoRA``'s."""
-        from lit_llmtime.data import OFFLINE_TOKENIZER
-        from lit_llmtime.model import LLMTimeLoRA
-
-        module = LLMTimeLoRA(
-            model_name_or_path, model_config, tokenizer=tokenizer or OFFLINE_TOKENIZER, lora=LoRAArgs(targets=[]),
-            encoding=as_args(EncodingArgs, encoding or EncodingArgs()),
-            forecast=as_args(ForecastArgs, forecast or ForecastArgs()), **model_args,
-        )  # fmt: skip
+        module = base_module(model_name_or_path, model_config, tokenizer, encoding, forecast, **model_args)
         return cls.from_module(module.to(device).eval())
 
     # -- batches of the data module (predict, validation) --------------------------------------
@@ -217,8 +252,10 @@ class Forecaster:
         return int(batch["horizon"]) if "horizon" in batch else self.settings.forecast_steps
 
     def shape(self, batch: dict, horizon: int | None = None) -> GenerationShape:
-        """What forecasting this batch computes at most (the FLOP budget charges it beforehand)."""
+        """What forecasting this batch computes at most (the FLOP budget charges it beforehand;
+        a trajectory too short to score is refused here, before anything is charged)."""
         horizon = self.horizon(batch) if horizon is None else horizon
+        check_future(batch, horizon)
         grammar = batch_grammar(self.tokenizer, batch, self.settings, self.encoding.decimals, horizon)
         return generation_shape(batch["input_ids"], grammar, self.compile)
 
@@ -232,38 +269,9 @@ class Forecaster:
     ) -> ForecastResult:
         """Forecast ``horizon`` steps (default: see ``horizon``) of every prompt in ``batch``."""
         horizon = self.horizon(batch) if horizon is None else horizon
-        future = batch["future"][:, :horizon]
-        known = (~torch.isnan(future).any(dim=-1)).sum(dim=1) if future.numel() else torch.zeros(len(future))
-        if future.shape[1] < horizon or bool((known < horizon).any()):
-            row = int(torch.argmin(known)) if len(known) else 0
-            raise ValueError(
-                f"trajectory {int(batch['index'][row])} has {int(known[row])} steps after the prompt, fewer than "
-                f"the {horizon} to forecast"
-            )
-        prompts, time_axis = batch["prompt"].cpu().numpy(), batch["time"].cpu().numpy()
+        future = check_future(batch, horizon)
         shape, generation, decoded = self.generate_batch(batch, horizon, self.settings, progress, generator)
-        return ForecastResult(
-            index=batch["index"].cpu().numpy(),
-            time=time_axis,
-            prompt=prompts,
-            truth=future.cpu().numpy(),
-            alpha=batch["alpha"].cpu().numpy(),
-            forecast=decoded.forecast,
-            lower=decoded.lower,
-            upper=decoded.upper,
-            samples=decoded.samples,
-            valid_share=decoded.valid_share,
-            texts=decoded.texts,
-            shape=shape,
-            new_tokens=generation.tokens.shape[1],
-            seconds=generation.seconds,
-            references={
-                name: reference_forecast(name, prompts, time_axis, horizon)
-                for name in references
-                if reference_applies(name, prompts)
-            },
-            variables=tuple(batch.get("variables") or COURSEWORK_VARIABLES),
-        )
+        return ForecastResult.of(batch, future, shape, generation, decoded, references)
 
     def generate_batch(
         self,
@@ -311,28 +319,14 @@ class Forecaster:
         generator: torch.Generator | None = None,
         before_batch: Callable[[GenerationShape], None] | None = None,
     ) -> Prediction:
-        """Forecast ``horizon`` steps after each context: one (T, D) array, an (N, T, D) array or a
-        list of (T_i, D) arrays of different lengths (a 1-D array is one variable). ``alpha``
-        overrides the scales (see ``scale_of``); ``num_samples`` the configured samples (1:
-        greedy). ``before_batch`` sees each batch's FLOP bound before it runs (a budget's charge)."""
-        series = from_arrays(context, source="context")
-        if self.variables is not None and len(self.variables) == len(series.variables):
+        """Forecast ``horizon`` steps after each context: one (T, D) array, an (N, T, D) array, a
+        list of (T_i, D) arrays of different lengths (a 1-D array is one variable; arrays take the
+        adapter's variable names) or a ``SeriesSet`` (a file's). ``alpha`` overrides the scales (see
+        ``scale_of``); ``num_samples`` the configured samples (1: greedy). ``before_batch`` sees
+        each batch's FLOP bound before it runs (a budget's charge)."""
+        series = context if isinstance(context, SeriesSet) else from_arrays(context, source="context")
+        if self.variables is not None and len(self.variables) == len(series.variables) and series is not context:
             series.variables = self.variables
-        return self.predict_series(series, horizon, num_samples, quantile_levels, alpha, batch_size, generator,
-                                   before_batch)  # fmt: skip
-
-    def predict_series(
-        self,
-        series: SeriesSet,
-        horizon: int,
-        num_samples: int | None = None,
-        quantile_levels: tuple[float, ...] | list[float] = QUANTILE_LEVELS,
-        alpha: float | list[float] | np.ndarray | None = None,
-        batch_size: int = 16,
-        generator: torch.Generator | None = None,
-        before_batch: Callable[[GenerationShape], None] | None = None,
-    ) -> Prediction:
-        """``predict`` of a checked ``SeriesSet``."""
         if horizon < 1 or batch_size < 1:
             raise ValueError(f"horizon and batch_size must be >= 1, got {horizon} and {batch_size}")
         if self.variables is not None and len(self.variables) != len(series.variables):
@@ -347,44 +341,12 @@ class Forecaster:
             else np.broadcast_to(np.asarray(alpha, dtype=np.float64), (len(values),))
         )
         settings = self.settings if num_samples is None else replace(self.settings, num_samples=num_samples)
-        texts = [encode(v, alpha=a, decimals=self.encoding.decimals, name=f"series {i}")[0] + STEP_SEPARATOR
-                 for i, v, a in zip(series.ids, values, alphas, strict=True)]  # fmt: skip
-        token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         device = next(self.model.parameters()).device
-        parts, bound, spent, seconds, tokens = [], 0.0, 0.0, 0.0, 0
-        for start in range(0, len(values), batch_size):
-            rows = range(start, min(start + batch_size, len(values)))
-            input_ids, attention_mask = left_padded([token_ids[r] for r in rows], self.tokenizer.pad_token_id)
-            longest = max(len(values[r]) for r in rows)
-            prompt = np.full((len(rows), longest, len(series.variables)), np.nan)  # left-padded like the tokens
-            for row, r in enumerate(rows):
-                prompt[row, longest - len(values[r]) :] = values[r]
-            batch = {
-                "input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-                "prompt": torch.from_numpy(prompt), "alpha": torch.from_numpy(alphas[list(rows)].copy()),
-            }  # fmt: skip
+        prediction = Prediction.empty(series.variables, quantile_levels, alphas)
+        for batch in prompt_batches(self.tokenizer, series, alphas, self.encoding.decimals, batch_size, device):
             shape, generation, decoded = self.generate_batch(batch, horizon, settings, None, generator, before_batch)
-            if self.flop_model is not None:
-                bound += shape.flops(self.flop_model)
-                spent += shape.flops(self.flop_model, generation.tokens.shape[1])
-            seconds, tokens = seconds + generation.seconds, tokens + generation.tokens.numel()
-            parts.append(decoded)
-        samples = np.concatenate([part.samples for part in parts])
-        levels = tuple(float(level) for level in quantile_levels)
-        return Prediction(
-            variables=series.variables,
-            median=np.concatenate([part.forecast for part in parts]),
-            quantile_levels=levels,
-            quantiles=np.moveaxis(np.quantile(samples, levels, axis=1), 0, 1),
-            samples=samples,
-            texts=[text for part in parts for text in part.texts],
-            valid_share=np.concatenate([part.valid_share for part in parts]),
-            alpha=np.asarray(alphas, dtype=np.float64),
-            flops=spent,
-            flops_bound=bound,
-            tokens=tokens,
-            seconds=seconds,
-        )
+            prediction.add(decoded, generation, shape, self.flop_model)
+        return prediction
 
     def predict_df(
         self,
@@ -401,8 +363,63 @@ class Forecaster:
         per series and future time stamp (continued at each series' inferred frequency), a column
         per variable (the median) and ``<variable>_<level>`` per quantile level."""
         series = series_from_frame(df, id_column, timestamp_column, target, source="DataFrame")
-        prediction = self.predict_series(series, prediction_length, num_samples, quantile_levels, **predict_args)
+        prediction = self.predict(series, prediction_length, num_samples, quantile_levels, **predict_args)
         return prediction_frame(series, prediction, id_column, timestamp_column)
+
+
+def checkpoint_module(path: str | Path, model_name_or_path: str | None = None, forecast=None):
+    """The ``LLMTimeLoRA`` of a checkpoint (its adapter loaded; the base model from
+    ``model_name_or_path`` when given), with the training split's scale and variable names."""
+    from lit_llmtime.model import LLMTimeLoRA
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        hparams = dict(checkpoint["hyper_parameters"])
+    except Exception as error:  # torch.load of a CSV, an array, a text file: each fails its own way
+        raise ValueError(f"{path}: not a lit-llmtime checkpoint ({type(error).__name__}: {error})") from error
+    if model_name_or_path is not None:
+        hparams["model_name_or_path"] = model_name_or_path
+    try:
+        module = LLMTimeLoRA(**hparams, forecast=as_args(ForecastArgs, forecast or ForecastArgs()))
+    except TypeError as error:  # hyperparameters of another module
+        raise ValueError(f"{path}: not a lit-llmtime checkpoint ({error})") from error
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"], strict=False)
+    module.dataset_alpha, module.variables = checkpoint.get("dataset_alpha"), checkpoint.get("variables")
+    return module
+
+
+def base_module(model_name_or_path: str, model_config=None, tokenizer=None, encoding=None, forecast=None, **model_args):
+    """An ``LLMTimeLoRA`` without adapters (LoRA on no layer): the base model itself."""
+    from lit_llmtime.data import OFFLINE_TOKENIZER
+    from lit_llmtime.model import LLMTimeLoRA
+
+    return LLMTimeLoRA(
+        model_name_or_path, model_config, tokenizer=tokenizer or OFFLINE_TOKENIZER, lora=LoRAArgs(targets=[]),
+        encoding=as_args(EncodingArgs, encoding or EncodingArgs()),
+        forecast=as_args(ForecastArgs, forecast or ForecastArgs()), **model_args,
+    )  # fmt: skip
+
+
+def prompt_batches(tokenizer, series: SeriesSet, alphas: np.ndarray, decimals: int, batch_size: int, device):
+    """Batches of ``batch_size`` series as LLMTIME prompts (ending in ``;``): left-padded token ids
+    and, left-padded with NaN alike, the (B, longest, D) values, with their scales."""
+    texts = [encode(v, alpha=a, decimals=decimals, name=f"series {i}")[0] + STEP_SEPARATOR
+             for i, v, a in zip(series.ids, series.values, alphas, strict=True)]  # fmt: skip
+    token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    for start in range(0, len(texts), batch_size):
+        rows = list(range(start, min(start + batch_size, len(texts))))
+        input_ids, attention_mask = left_padded([token_ids[r] for r in rows], tokenizer.pad_token_id)
+        longest = max(len(series.values[r]) for r in rows)
+        prompt = np.full((len(rows), longest, len(series.variables)), np.nan)
+        for row, r in enumerate(rows):
+            prompt[row, longest - len(series.values[r]) :] = series.values[r]
+        yield {
+            "input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            "prompt": torch.from_numpy(prompt), "alpha": torch.from_numpy(alphas[rows].copy()),
+        }  # fmt: skip
 
 
 def prediction_frame(series: SeriesSet, prediction: Prediction, id_column: str = ID_COLUMN,

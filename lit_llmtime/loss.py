@@ -9,7 +9,10 @@ installed, its fused Triton kernel does the same work.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,7 @@ from torch import nn
 
 from lit_llmtime.data import IGNORE_INDEX
 
+log = logging.getLogger(__name__)
 CHUNK = 128  # positions per chunk: 128 x 151,936 float32 logits are 78 MB
 
 
@@ -64,8 +68,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
 
 
-def _liger_available(hidden: torch.Tensor) -> bool:
-    return hidden.is_cuda and importlib.util.find_spec("liger_kernel") is not None
+@functools.cache
+def fused_loss() -> nn.Module | None:
+    """liger-kernel's fused linear cross-entropy (summed, accumulating in float32 where the version
+    can: ``accum_dtype``, liger-kernel >= 0.6.2), or None when it cannot be imported (said once)."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as error:
+        if importlib.util.find_spec("liger_kernel") is not None:  # installed, but broken here
+            log.warning(f"liger-kernel cannot be imported ({error}); the loss runs chunked instead")
+        return None
+    options: dict = {"ignore_index": IGNORE_INDEX, "reduction": "sum"}
+    if "accum_dtype" in inspect.signature(LigerFusedLinearCrossEntropyLoss.__init__).parameters:
+        options["accum_dtype"] = torch.float32
+    return LigerFusedLinearCrossEntropyLoss(**options)
+
+
+def loss_path(hidden: torch.Tensor, head: nn.Module) -> str:
+    """Which training loss runs for these hidden states and this output layer: ``fused``
+    (liger-kernel, CUDA), ``chunked`` (ours) or ``autograd`` (a trained or adapted output layer)."""
+    if not isinstance(head, nn.Linear) or head.weight.requires_grad:
+        return "autograd"
+    return "fused" if hidden.is_cuda and fused_loss() is not None else "chunked"
 
 
 def linear_cross_entropy(
@@ -80,14 +104,11 @@ def linear_cross_entropy(
     weight, bias = head.weight, head.bias
     if rows is not None:
         weight, bias = weight[rows], None if bias is None else bias[rows]
-    if weight.requires_grad:  # a trained output matrix: plain autograd
+    path = loss_path(hidden, head)
+    if path == "autograd":  # a trained output matrix
         return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, IGNORE_INDEX, reduction="sum")
-    if _liger_available(hidden):
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-        return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(
-            weight, hidden, targets, bias
-        )
+    if path == "fused":
+        return fused_loss()(weight, hidden, targets, bias)
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
 
 
@@ -105,6 +126,20 @@ def row_targets(targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             "use model.output_vocab: full"
         )
     return mapped
+
+
+def training_loss(
+    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, rows: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled ``targets`` of (N, d) ``hidden``, over the
+    whole vocabulary or (``rows``) those output rows alone; the output layer applied in chunks."""
+    scored = targets if rows is None else row_targets(targets, rows)
+    if isinstance(head, nn.Linear):
+        total = linear_cross_entropy(hidden, head, scored, rows)
+    else:  # an adapted output layer (lora.targets with lm_head): plain logits
+        logits = head(hidden).float()
+        total = F.cross_entropy(logits if rows is None else logits[:, rows], scored, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 @torch.no_grad()

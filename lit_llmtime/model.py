@@ -10,7 +10,6 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
@@ -24,7 +23,7 @@ from lit_llmtime.gguf import check_tokenizer_agrees, is_gguf, load_gguf_model
 from lit_llmtime.grammar import EOS, single_token_ids
 from lit_llmtime.llmtime import ALPHABET
 from lit_llmtime.lora import apply_lora, count_trainable, trainable_state_dict
-from lit_llmtime.loss import evaluation_losses, linear_cross_entropy, row_targets
+from lit_llmtime.loss import evaluation_losses, training_loss
 from lit_llmtime.metrics import score
 
 
@@ -56,6 +55,36 @@ def build_base_model(
 def llmtime_head_rows(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """Output rows of the LLMTIME characters and end-of-text: all a forecast (or its loss) needs."""
     return torch.tensor(single_token_ids(tokenizer, [*ALPHABET, EOS]))
+
+
+def optimizer_and_schedule(params: list[nn.Parameter], optim: OptimArgs, total_steps: int) -> dict[str, Any]:
+    """Adam (AdamW with weight decay) and a per-step schedule: linear warm-up over
+    ``optim.warmup_steps``, then constant or (``cosine``) decaying to 0 at ``total_steps``."""
+    if optim.weight_decay > 0:
+        optimizer = torch.optim.AdamW(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(params, lr=optim.learning_rate)
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "cosine":
+            progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    scheduler = LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def first_forecast_figure(result: ForecastResult, step: int):
+    """The figure of a batch's first forecast (validation's, in TensorBoard)."""
+    from lit_llmtime.plots import plot_forecast
+
+    return plot_forecast(
+        result.time, result.prompt[0], result.truth[0], result.forecast[0], result.lower[0], result.upper[0],
+        title=f"validation sample {result.index[0]}, step {step}", variables=result.variables,
+    )  # fmt: skip
 
 
 class LLMTimeLoRA(L.LightningModule):
@@ -97,20 +126,13 @@ class LLMTimeLoRA(L.LightningModule):
         # Plain values, so checkpoints load with weights_only. The forecast settings describe a predict
         # call, not the trained weights: a checkpoint must not override them (LightningCLI applies a
         # checkpoint's hyperparameters over the config).
-        self.save_hyperparameters(
-            {
-                "model_name_or_path": model_name_or_path,
-                "model_config": model_config,
-                "init_seed": init_seed,
-                "torch_dtype": torch_dtype,
-                "tokenizer": tokenizer,
-                "output_vocab": output_vocab,
-                **{name: asdict(getattr(self, name)) for name in ("lora", "optim", "encoding")},
-            }
-        )
-        self.model = build_base_model(
-            model_name_or_path, model_config, getattr(torch, torch_dtype), init_seed, tokenizer
-        )
+        plain = {name: asdict(getattr(self, name)) for name in ("lora", "optim", "encoding")}
+        self.save_hyperparameters({
+            "model_name_or_path": model_name_or_path, "model_config": model_config, "init_seed": init_seed,
+            "torch_dtype": torch_dtype, "tokenizer": tokenizer, "output_vocab": output_vocab, **plain,
+        })  # fmt: skip
+        dtype = getattr(torch, torch_dtype)
+        self.model = build_base_model(model_name_or_path, model_config, dtype, init_seed, tokenizer)
         lora = self.lora
         apply_lora(self.model, lora.targets, lora.rank, lora.alpha, lora.dropout, lora.train_lm_head_bias)
         self.model.train()  # from_pretrained leaves the base in eval mode (Lightning warns); Qwen2 has no dropout
@@ -118,7 +140,6 @@ class LLMTimeLoRA(L.LightningModule):
         self.val_forecast = ForecastSkill()
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         self._tokenizer: PreTrainedTokenizerBase | None = None
-        self._val_figure: ForecastResult | None = None
         rows = llmtime_head_rows(self.tokenizer) if output_vocab == "llmtime" else None
         self.register_buffer("head_rows", rows, persistent=False)
 
@@ -138,22 +159,14 @@ class LLMTimeLoRA(L.LightningModule):
         return hidden.reshape(-1, hidden.size(-1)), batch["labels"][:, 1:].reshape(-1)
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> int | None:
-        """Skip the batch when a callback (the FLOP budget) stopped training before it. A stop that
-        Lightning defers (EarlyStopping before min_steps or min_epochs) trains on: skipping there
-        would end every epoch empty, for ever."""
-        return -1 if self.trainer.should_stop and self.trainer.fit_loop._can_stop_early else None
+        """Skip the batch (Lightning's -1) when a callback, the FLOP budget, stopped training
+        before it. Lightning defers no stop here: the budget refuses min_steps and min_epochs."""
+        return -1 if self.trainer.should_stop else None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Mean next-token cross-entropy over labelled tokens, the output layer applied in chunks."""
         hidden, targets = self._hidden_and_targets(batch)
-        head, rows = self.model.get_output_embeddings(), self.head_rows
-        scored = targets if rows is None else row_targets(targets, rows)
-        if isinstance(head, nn.Linear):
-            total = linear_cross_entropy(hidden, head, scored, rows)
-        else:  # an adapted output layer (lora.targets with lm_head): plain logits
-            logits = head(hidden).float()
-            total = F.cross_entropy(logits if rows is None else logits[:, rows], scored, reduction="sum")
-        loss = total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        loss = training_loss(hidden, self.model.get_output_embeddings(), targets, self.head_rows)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
         return loss
 
@@ -170,7 +183,6 @@ class LLMTimeLoRA(L.LightningModule):
         self.val_loss.reset()
         self.val_loss_llmtime.reset()
         self.val_forecast.reset()
-        self._val_figure = None
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> ForecastResult | None:
         """Token loss on the windows (loader 0); forecasts of the validation prompts (loader 1)."""
@@ -179,8 +191,6 @@ class LLMTimeLoRA(L.LightningModule):
             return None
         result = self.forecaster(batch)  # as far as the batch's horizon
         self.val_forecast.update(result)
-        if self._val_figure is None:
-            self._val_figure = result
         return result
 
     def on_validation_epoch_end(self) -> None:
@@ -189,28 +199,7 @@ class LLMTimeLoRA(L.LightningModule):
             self.log("val/loss_llmtime", self.val_loss_llmtime.compute(), sync_dist=False)
             self.val_loss_llmtime.reset()
         if self.val_forecast.update_count:
-            self._log_forecast_skill()
-
-    def _log_forecast_skill(self) -> None:
-        """``val/forecast/*``; in the sanity check (which Lightning does not log), straight to the
-        logger at step 0: the skill of the weights before training."""
-        skill = {f"val/forecast/{name}": value for name, value in self.val_forecast.compute().items()}
-        self.val_forecast.reset()
-        if not self.trainer.sanity_checking:
-            for name, value in skill.items():
-                self.log(name, value, sync_dist=False)
-        elif self.logger is not None and self.trainer.is_global_zero:
-            self.logger.log_metrics({name: float(value) for name, value in skill.items()}, step=0)
-        result, self._val_figure = self._val_figure, None
-        experiment = getattr(self.logger, "experiment", None)
-        if result is not None and self.trainer.is_global_zero and hasattr(experiment, "add_figure"):
-            from lit_llmtime.plots import plot_forecast
-
-            figure = plot_forecast(
-                result.time, result.prompt[0], result.truth[0], result.forecast[0], result.lower[0], result.upper[0],
-                title=f"validation sample {result.index[0]}, step {self.global_step}", variables=result.variables,
-            )  # fmt: skip
-            experiment.add_figure("val/forecast", figure, global_step=self.global_step)
+            self.val_forecast.log_to(self)
 
     def on_test_epoch_start(self) -> None:
         self.test_loss.reset()
@@ -269,24 +258,8 @@ class LLMTimeLoRA(L.LightningModule):
                 progress.close()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optim = self.optim
-        if optim.weight_decay > 0:
-            optimizer = torch.optim.AdamW(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
-        else:
-            optimizer = torch.optim.Adam(params, lr=optim.learning_rate)
-        total = max(1, self.trainer.estimated_stepping_batches) if optim.schedule == "cosine" else 1
-
-        def factor(step: int) -> float:
-            if step < optim.warmup_steps:
-                return (step + 1) / optim.warmup_steps
-            if optim.schedule == "cosine":
-                progress = min(1.0, (step - optim.warmup_steps) / max(1, total - optim.warmup_steps))
-                return 0.5 * (1 + math.cos(math.pi * progress))
-            return 1.0
-
-        scheduler = LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        total = max(1, self.trainer.estimated_stepping_batches) if self.optim.schedule == "cosine" else 1
+        return optimizer_and_schedule([p for p in self.parameters() if p.requires_grad], self.optim, total)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the adapter: a rank-8 Qwen2.5-0.5B checkpoint is a few MB, not 2 GB. With it,
@@ -319,17 +292,20 @@ class ForecastSkill(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.means = nn.ModuleDict({key: MeanMetric(nan_strategy="ignore") for key in ("mase", "valid_share")})
+        self.figure: ForecastResult | None = None
 
     @property
     def update_count(self) -> int:
         return self.means["mase"].update_count
 
     def _mean(self, key: str) -> MeanMetric:
-        if key not in self.means:
-            self.means[key] = MeanMetric(nan_strategy="ignore").to(self.means["mase"].device)
-        return self.means[key]
+        slot = key.replace(".", "·")  # a module name cannot hold "." (a column "pm2.5")
+        if slot not in self.means:
+            self.means[slot] = MeanMetric(nan_strategy="ignore").to(self.means["mase"].device)
+        return self.means[slot]
 
     def update(self, result: ForecastResult) -> None:
+        self.figure = self.figure or result  # the pass's first forecasts, drawn in TensorBoard
         for row in range(len(result.index)):
             scores = score(
                 result.truth[row], result.forecast[row], result.prompt[row], result.samples[row], result.variables
@@ -341,8 +317,26 @@ class ForecastSkill(nn.Module):
             self.means["valid_share"].update(float(result.valid_share[row]))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return {key: metric.compute() for key, metric in self.means.items()}
+        return {key.replace("·", "."): metric.compute() for key, metric in self.means.items()}
+
+    def log_to(self, module: L.LightningModule) -> None:
+        """Log the means as ``val/forecast/*`` and the pass's first forecast as the figure
+        ``val/forecast``, and reset; in the sanity check (which Lightning does not log), straight to
+        the logger at step 0: the skill of the weights before training."""
+        skill = {f"val/forecast/{name}": value for name, value in self.compute().items()}
+        result = self.figure
+        self.reset()
+        trainer, logger = module.trainer, module.logger
+        if not trainer.sanity_checking:
+            for name, value in skill.items():
+                module.log(name, value, sync_dist=False)
+        elif logger is not None and trainer.is_global_zero:
+            logger.log_metrics({name: float(value) for name, value in skill.items()}, step=0)
+        experiment = getattr(logger, "experiment", None)
+        if result is not None and trainer.is_global_zero and hasattr(experiment, "add_figure"):
+            experiment.add_figure("val/forecast", first_forecast_figure(result, module.global_step), module.global_step)
 
     def reset(self) -> None:
+        self.figure = None
         for metric in self.means.values():
             metric.reset()

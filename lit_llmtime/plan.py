@@ -211,9 +211,27 @@ def prepared_data(config: Any, stage: str):
 
 
 def count_windows(config: Any) -> dict[str, int]:
-    """Training and validation windows of a run's data."""
+    """Training, validation and test windows of a run's data."""
     data = prepared_data(config, "fit")
-    return {split: len(data.datasets[split]) for split in ("train", "val")}
+    return {split: len(data.datasets[split]) for split in ("train", "val", "test")}
+
+
+def plan_evaluate(config: Any, stage: str, accounting: Accounting | None = None) -> tuple[int, float]:
+    """Batches (per rank) and FLOPs on every device of one ``validate`` or ``test`` pass: the
+    windows as the budget charges them, batch by batch, and for ``validate`` the validation
+    forecasts at their longest (what is charged before they run; the unused part is refunded)."""
+    if stage not in ("validate", "test"):
+        raise ValueError(f"stage must be 'validate' or 'test', got {stage!r}")
+    trainer, data = config.trainer, config.data
+    ranks, split = world_size(trainer), "val" if stage == "validate" else "test"
+    limit = _get(trainer, f"limit_{split}_batches")
+    sizes = batch_sizes(count_windows(config)[split], data.batch_size, ranks)
+    sizes = sizes[: limit_batches(len(sizes), limit)]
+    flop_model = flop_model_of(config, accounting)
+    total = sum(ranks * flop_model.batch_forward(size, data.context_length) for size in sizes)
+    if stage == "validate" and limit_batches(1, limit):
+        total += validation_forecast_bound(config, accounting)
+    return len(sizes), total
 
 
 def forecast_pass_flops(per_prompt: float, prompts: int, ranks: int) -> float:

@@ -224,6 +224,9 @@ def series_from_frame(
             raise DataFileError(
                 f"{source}: column {column!r}, {row(position)}: missing or non-finite value ({numbers.iloc[position]})"
             )
+    for name, column, default in (("id_column", id_column, ID_COLUMN), ("time_column", time_column, TIME_COLUMN)):
+        if column != default and column not in columns:  # a mistyped name would make a variable of the real one
+            raise DataFileError(f"{source}: no {name} {column!r} (columns: {columns})")
     numbers = frame[target].apply(pd.to_numeric).to_numpy(dtype=np.float64)
     ids = frame[id_column].astype(str).to_numpy() if id_column in frame else np.full(len(frame), "0")
     time = None
@@ -232,10 +235,15 @@ def series_from_frame(
         if not pd.api.types.is_numeric_dtype(time):
             try:
                 with warnings.catch_warnings(action="ignore", category=UserWarning):  # "could not infer format"
-                    time = pd.to_datetime(time)
+                    time = pd.to_datetime(time, utc=True).dt.tz_convert(
+                        None
+                    )  # one clock: UTC (naive times as they are)
             except (ValueError, TypeError) as error:
                 message = f"{source}: column {time_column!r} holds neither numbers nor times ({error})"
                 raise DataFileError(message) from error
+        if time.isna().any():
+            position = int(np.argmax(time.isna().to_numpy()))
+            raise DataFileError(f"{source}: column {time_column!r}, {row(position)}: missing time")
         time = time.to_numpy()
     arrays, times, names = [], [], []
     for name in dict.fromkeys(ids.tolist()):  # in order of first appearance

@@ -1,13 +1,15 @@
 """The FLOP budget: exact stops, resume without double counting, DDP, the ledger and its table."""
 
 import json
+import threading
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from lit_llmtime.callbacks import FlopBudget, flop_model_for
+from lit_llmtime.budget import SharedBudget, flop_model_for
+from lit_llmtime.callbacks import FlopBudget
 from lit_llmtime.cli import main
 from lit_llmtime.config import ForecastValidationArgs, LoRAArgs, OptimArgs
 from lit_llmtime.data import LotkaVolterraDataModule
@@ -167,29 +169,64 @@ def test_flops_command_predicts_the_report_runs(tmp_path, monkeypatch, capsys):
     assert "validation and epoch ends not predicted" in out  # no data file here
 
 
-@pytest.mark.timeout(60)  # the failure was an endless loop of empty epochs
-def test_a_spent_budget_overrides_min_steps(tmp_path, small_h5):
-    model, data = make(small_h5)
+@pytest.mark.parametrize("promise", [{"min_steps": 10}, {"min_epochs": 2}])
+def test_min_steps_or_epochs_under_a_budget_are_refused_before_anything_runs(tmp_path, small_h5, promise):
+    model, data = make(small_h5)  # a spent budget must be able to stop training; Lightning would defer it
     budget = FlopBudget(budget=3 * step_cost(model), ledger=str(tmp_path / "l.jsonl"))
-    fit = trainer(tmp_path, budget, min_steps=10)
-    fit.fit(model, data)
-    assert fit.global_step == 3 and budget.stopped_for_budget
-    assert Ledger(tmp_path / "l.jsonl").records()[0]["flops"] == 3 * step_cost(model)
+    name, value = next(iter(promise.items()))
+    with pytest.raises(ValueError, match=f"trainer {name}={value} cannot be promised under a FLOP budget"):
+        trainer(tmp_path, budget, **promise).fit(model, data)
+    assert Ledger(tmp_path / "l.jsonl").records() == [] and budget.run_id is None
 
 
-class StopAtStep(L.Callback):
-    """What EarlyStopping does: asks to stop, which Lightning defers until min_steps."""
+def two_ranks(ranks: list[SharedBudget], work):
+    """Run ``work(shared)`` on two simulated ranks at once (their ``SharedBudget``s, whose
+    all-reduce becomes a thread barrier); each rank's answer or the exception it raised."""
+    barrier, slots, results = threading.Barrier(2), [None, None], [None, None]
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= 2:
-            trainer.should_stop = True
+    def reduce(rank, values):
+        slots[rank] = values
+        barrier.wait()
+        summed = [a + b for a, b in zip(*slots, strict=True)]
+        barrier.wait()  # both have read the slots
+        return summed
+
+    def run(rank, shared):
+        try:
+            results[rank] = work(shared)
+        except Exception as error:  # noqa: BLE001 (the test looks at it)
+            results[rank] = error
+
+    threads = [threading.Thread(target=run, args=(rank, shared)) for rank, shared in enumerate(ranks)]
+    for rank, shared in enumerate(ranks):
+        shared.reduce = lambda values, rank=rank: reduce(rank, values)
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    return results
 
 
-@pytest.mark.timeout(60)
-def test_a_stop_request_before_min_steps_trains_on(tmp_path, small_h5):
-    model, data = make(small_h5)
-    budget = FlopBudget(budget=1e30, ledger=str(tmp_path / "l.jsonl"))
-    fit = trainer(tmp_path, budget, min_steps=5, limit_train_batches=4, more_callbacks=[StopAtStep()])
-    fit.fit(model, data)
-    assert fit.global_step == 5 and not budget.stopped_for_budget
-    assert Ledger(tmp_path / "l.jsonl").records()[0]["steps"] == 5
+def test_shared_budget_asks_the_ledger_on_rank_zero_only_and_every_rank_follows(tmp_path):
+    ledger_path = tmp_path / "l.jsonl"
+    asked = []
+
+    class Counting(Budget):
+        def available(self):
+            asked.append(1)
+            return super().available()
+
+    ranks = [SharedBudget(Counting(ledger_path, 10.0), is_zero=True), SharedBudget(Counting(ledger_path, 10.0), False)]
+
+    def charge(shared):
+        return shared.sum([3.0])[0], shared.charge("run", 4.0, "train"), shared.charge("run", 7.0, "train")
+
+    assert two_ranks(ranks, charge) == [(6.0, True, False), (6.0, True, False)]  # 3 + 3; 4 fits, then 7 does not
+    assert Ledger(ledger_path).total() == 4.0 and len(asked) == 2  # charged once, asked on rank 0 alone
+
+    def broken(shared):
+        return shared.decide(lambda: (_ for _ in ()).throw(OSError("disk full")))
+
+    zero, one = two_ranks(ranks, broken)
+    assert isinstance(zero, OSError) and str(zero) == "disk full"
+    assert isinstance(one, RuntimeError) and "rank 0 could not use the ledger" in str(one)  # nobody waits for ever

@@ -13,6 +13,7 @@ from gguf import GGUFWriter, LlamaFileType, TokenType
 from transformers import AutoConfig, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from lit_llmtime.gguf import check_tokenizer_agrees, gguf_config, gguf_tokenizer, is_gguf, load_gguf_model
+from lit_llmtime.llmtime import ALPHABET
 
 # HF module names -> GGUF tensor names (llama.cpp's MODEL_TENSOR names for qwen2)
 _TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
@@ -258,7 +259,13 @@ def test_gguf_tokenizer_matches_autotokenizer(files):
 
 
 def test_check_tokenizer_agrees_with_real_tokenizer(files, tokenizer):
-    check_tokenizer_agrees(files["vocab_only"], tokenizer)  # no error: same alphabet ids, eos 151645
+    stored = gguf_tokenizer(files["vocab_only"])
+    ids = [tokenizer.encode(char, add_special_tokens=False) for char in ALPHABET]
+    digits_point_comma_semicolon_minus = [15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 13, 11, 26, 12]
+    assert [stored.encode(char, add_special_tokens=False) for char in ALPHABET] == ids
+    assert ids == [[i] for i in digits_point_comma_semicolon_minus]
+    assert stored.eos_token_id == tokenizer.eos_token_id
+    check_tokenizer_agrees(files["vocab_only"], tokenizer)  # and so it does not object
 
 
 def test_check_tokenizer_names_swapped_character(files):
@@ -302,10 +309,10 @@ def test_bad_files(files, tmp_path, load):
 
 
 def test_llmtime_lora_fine_tunes_a_gguf_file(vocab, tmp_path):
-    from lit_llmtime.callbacks import flop_model_for
+    from lit_llmtime.budget import flop_model_for
     from lit_llmtime.config import LoRAArgs
     from lit_llmtime.model import LLMTimeLoRA
-    from lit_llmtime.plan import base_config
+    from lit_llmtime.plan import base_config, run_flop_model
 
     config = Qwen2Config(
         vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -323,7 +330,7 @@ def test_llmtime_lora_fine_tunes_a_gguf_file(vocab, tmp_path):
     assert not module.model.config.tie_word_embeddings
     planned = base_config(str(path), None)  # planning reads the file's header, not its weights
     assert (planned.hidden_size, planned.vocab_size, planned.num_key_value_heads) == (16, 151936, 1)
-    assert flop_model_for(module).forward(8) > 0
+    assert flop_model_for(module).forward(8) == run_flop_model(planned, module.lora, "full", "exact").forward(8)
 
 
 def test_llmtime_lora_refuses_a_gguf_whose_tokenizer_disagrees(files):

@@ -10,7 +10,7 @@ from torch import nn
 from lit_llmtime.config import QWEN2_5_0_5B_CONFIG, LoRAArgs
 from lit_llmtime.data import IGNORE_INDEX, chunk_windows, pack, window_starts
 from lit_llmtime.flops import FlopModel
-from lit_llmtime.loss import evaluation_losses, linear_cross_entropy, row_targets
+from lit_llmtime.loss import evaluation_losses, fused_loss, linear_cross_entropy, loss_path, row_targets
 from lit_llmtime.model import LLMTimeLoRA
 
 TINY = dict(
@@ -155,3 +155,12 @@ def test_an_epochs_planned_flops_follow_the_windows(small_h5, tokenizer, tmp_pat
     step = 3 * FlopModel(TINY, lora_rank=8).forward(256)
     assert plan.train_batches == math.ceil(windows / 4)
     assert plan.train_flops == pytest.approx(windows * step, rel=1e-12)  # the last batch holds the remainder
+
+
+def test_the_loss_path_is_named_and_without_liger_kernel_the_chunked_loss_runs():
+    hidden, head = torch.randn(6, 4), nn.Linear(4, 5).requires_grad_(False)
+    assert loss_path(hidden, head) == "chunked" and fused_loss() is None  # no liger-kernel on this machine
+    assert loss_path(hidden, nn.Linear(4, 5)) == "autograd"  # a trained output matrix
+    targets = torch.tensor([0, 1, 2, 3, 4, IGNORE_INDEX])
+    expected = F.cross_entropy(head(hidden), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    torch.testing.assert_close(linear_cross_entropy(hidden, head, targets, chunk=4), expected)

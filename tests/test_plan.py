@@ -10,10 +10,9 @@ import yaml
 from conftest import TINY
 
 from lit_llmtime.cli import main
-from lit_llmtime.config import QWEN2_5_0_5B_CONFIG
 from lit_llmtime.data import CHARACTER_TOKENIZER
 from lit_llmtime.ledger import Ledger
-from lit_llmtime.plan import plan_fit, world_size
+from lit_llmtime.plan import plan_evaluate, plan_fit, world_size
 from lit_llmtime.run import resolve_run, run_identity
 from lit_llmtime.simulate import simulate, write_h5
 
@@ -78,6 +77,27 @@ def test_predicted_fit_flops_equal_the_ledger(tiny_config, loop):
     assert ledger_flops() == pytest.approx(plan.flops, rel=1e-12)
 
 
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_predicted_validate_and_test_flops_equal_the_ledger(tiny_config, capsys, stage):
+    main(["fit", *tiny_config, "--trainer.max_steps=1", "--trainer.limit_val_batches=0"])
+    limit = "--trainer.limit_val_batches=3" if stage == "validate" else "--trainer.limit_test_batches=0.5"
+    args = [*tiny_config, limit, "--data.forecast_validation.trajectories=2", "--data.forecast_validation.horizon=2",
+            "--model.forecast.max_integer_digits=1"]  # fmt: skip
+    batches, planned = plan_evaluate(resolve_run([stage, *args]), stage)
+    main(["flops", *args])
+    assert f"{stage}, one pass".ljust(20) + f" {planned:.4e}  ({batches} batches a device" in capsys.readouterr().out
+    main([stage, *args, "--ckpt_path=last"])
+    record = next(r for r in Ledger("ledger.jsonl").records() if r["stage"] == stage)
+    events = [json.loads(line) for line in Path("ledger.jsonl").read_text().splitlines()]
+    charged = sum(
+        e["flops"] for e in events if e["event"] == "charge" and e["run_id"] == record["run_id"] and e["flops"] > 0
+    )
+    assert charged == pytest.approx(planned, rel=1e-12)
+    assert batches == (3 if stage == "validate" else 8)  # limit 3 of the validation batches; half of 16 test batches
+    if stage == "test":  # no forecasts: nothing refunded
+        assert record["flops"] == pytest.approx(planned, rel=1e-12)
+
+
 def test_plan_counts_loop_settings_by_hand(tiny_config):
     windows = {"train": 100, "val": 23}  # 25 training batches of 4, 6 validation batches (the last of 3)
     base = ["fit", *tiny_config, "--trainer.num_sanity_val_steps=0", "--trainer.limit_val_batches=1.0"]
@@ -130,7 +150,6 @@ def test_sweep_dry_run_marks_the_context_twin_as_reused(tmp_path, monkeypatch, c
     planned = sum(float(x) for x in re.findall(r"would run \((\S+) FLOPs\)", out))
     assert f"cost {planned:.3e} FLOPs in all" in out
     assert len(re.findall(r": would run \(", out)) == 6 + 2  # the 512 twin is not counted
-    assert QWEN2_5_0_5B_CONFIG["hidden_size"] == 896  # planned offline, from the known architecture
 
 
 def test_predict_encodes_prompts_as_the_checkpoint_was_trained(tiny_config):
@@ -172,7 +191,7 @@ def test_planned_generation_is_what_predict_charges_before_it_runs(tiny_config, 
 def test_static_cache_generation_is_planned_as_the_budget_charges_it(tiny_config):
     """``forecast.compile: on`` (as ``auto`` on CUDA): the plan and the budget's charge attend the
     whole preallocated cache, which the eager path's count does not."""
-    from lit_llmtime.callbacks import flop_model_for
+    from lit_llmtime.budget import flop_model_for
     from lit_llmtime.plan import plan_predict
     from lit_llmtime.run import lightning_cli
 

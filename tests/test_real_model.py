@@ -142,7 +142,7 @@ def test_short_lora_fit_lowers_the_validation_loss_then_forecasts(module, data_p
 def test_llmtime_head_against_the_full_head_at_equal_flops(data_path):
     """Fresh adapters, the same data order: the full head for 24 steps, the LLMTIME head for the steps
     the same FLOPs buy; validation loss over the whole vocabulary after each."""
-    from lit_llmtime.callbacks import flop_model_for
+    from lit_llmtime.budget import flop_model_for
 
     losses, steps, costs = {}, {}, {}
     for head in ("full", "llmtime"):

@@ -22,7 +22,7 @@ def ragged(n: int = 20, species: int = 3, seed: int = 5):
     """``n`` simulated series of ``species`` variables, cut to lengths 60-100 (different)."""
     trajectories, time = simulate(n=n, steps=100, seed=seed, species=species)
     lengths = np.random.default_rng(seed).integers(60, 101, n)
-    names = ("prey", "predator", "rival")[:species]
+    names = ("prey", "predator", "rival.2")[:species]  # a "." as in "pm2.5": no module name may hold it
     return from_arrays([t[:k] for t, k in zip(trajectories, lengths, strict=False)], [time[:k] for k in lengths], names,
                        [f"s{i}" for i in range(n)])  # fmt: skip
 
@@ -31,7 +31,7 @@ def ragged(n: int = 20, species: int = 3, seed: int = 5):
 def test_tables_round_trip_series_of_different_lengths(tmp_path, suffix):
     series = ragged()
     loaded = load_series(save_series(tmp_path / f"lv{suffix}", series))
-    assert loaded.variables == ("prey", "predator", "rival") and loaded.ids == series.ids
+    assert loaded.variables == ("prey", "predator", "rival.2") and loaded.ids == series.ids
     assert [len(v) for v in loaded.values] == [len(v) for v in series.values] and len(set(loaded.lengths)) > 1
     for a, b, ta, tb in zip(loaded.values, series.values, loaded.time, series.time, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -57,6 +57,10 @@ def test_a_table_without_ids_is_one_series_sorted_by_time(tmp_path):
     series = load_series(path)
     assert series.ids == ["0"] and series.variables == ("count",)
     assert series.values[0][:, 0].tolist() == [10, 20, 30] and series.time[0].tolist() == [1, 2, 3]
+    path.write_text("time,count\n2026-01-01T02:00:00+02:00,1\n2026-01-01T01:00:00Z,2\n2026-01-01T02:00:00Z,3\n")
+    (times,) = load_series(path).time  # time zones: one clock, UTC
+    np.testing.assert_array_equal(times, np.array(["2026-01-01T00:00", "2026-01-01T01:00", "2026-01-01T02:00"], "M8"))
+    np.testing.assert_array_equal(future_times(times, 2), np.array(["2026-01-01T03:00", "2026-01-01T04:00"], "M8"))
 
 
 @pytest.mark.parametrize(
@@ -70,6 +74,8 @@ def test_a_table_without_ids_is_one_series_sorted_by_time(tmp_path):
         ("series_id,time,a\n0,0,1\n0,1,2\n1,0,5\n", {}, "series 1 has 1 steps; at least 2 needed"),
         ("series_id,time,a\n0,0,1\n0,0,2\n", {}, r"series 0 has time 0 twice \(line 2 and line 3\)"),
         ("series_id,time,a\n0,x,1\n0,y,2\n", {}, "column 'time' holds neither numbers nor times"),
+        ("series_id,time,a\n0,2026-01-01,1\n0,,2\n", {}, "column 'time', line 3: missing time"),
+        ("series_id,time,a\n0,0,1\n0,1,2\n", {"id_column": "item"}, "no id_column 'item'"),
     ],
 )  # fmt: skip
 def test_bad_tables_name_the_file_column_and_row(tmp_path, text, options, message):
@@ -83,14 +89,16 @@ def test_bad_files_give_their_one_line_through_the_command(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     np.save("ragged.npy", np.array([np.ones((3, 2)), np.ones((4, 2))], dtype=object))
     Path("data.txt").write_text("1,2\n")
+    save_series("good.csv", ragged(n=2))
     cases = {
-        "ragged.npy": "ragged.npy: not a numeric numpy array",
-        "data.txt": "data.txt: unknown data file type '.txt'; use one of .h5, .hdf5, .npy, .csv, .parquet",
-        "absent.csv": "absent.csv: data file not found",
+        ("ragged.npy", "--model_name_or_path"): "ragged.npy: not a numeric numpy array",
+        ("data.txt", "--model_name_or_path"): "data.txt: unknown data file type '.txt'; use one of .h5, .hdf5, .npy",
+        ("absent.csv", "--model_name_or_path"): "absent.csv: data file not found",
+        ("good.csv", "--ckpt_path"): "good.csv: not a lit-llmtime checkpoint",  # a data file as the checkpoint
     }
-    for name, message in cases.items():
+    for (name, model), message in cases.items():
         with pytest.raises(SystemExit) as exit_info:
-            main(["forecast", "--input", name, "--horizon", "3", "--model_name_or_path", "unused"])
+            main(["forecast", "--input", name, "--horizon", "3", model, "good.csv"])
         assert str(exit_info.value).startswith(f"lit-llmtime: error: {message}")
         assert "\n" not in str(exit_info.value)
 
@@ -123,12 +131,21 @@ def test_series_of_3_and_1_variables_train_and_forecast_through_the_cli_and_pyth
     assert list(table.columns[:3]) == ["series_id", "time", names[0]] and f"{names[-1]}_0.9" in table.columns
     assert len(table) == 4 * len(series) and table[list(names)].notna().all().all()
     forecast = next(r for r in Ledger(LEDGER).records() if r["stage"] == "forecast")
-    assert forecast["status"] == "finished" and forecast["flops"] > 0
     summary = yaml.safe_load(Path("out/forecasts_metrics.json").read_text())
     assert summary["variables"] == list(names) and summary["model"]["mean"]["valid_share"] == 1.0
     assert Path("out/forecasts_s0.png" if species == 3 else "out/forecasts_0.png").stat().st_size > 10_000
 
+    if species == 3:  # a predict that would run past a series' end is refused before it is charged
+        spent = Ledger(LEDGER).total()
+        shortest = int(np.argmin(series.lengths))
+        with pytest.raises(SystemExit, match=rf"trajectory {shortest} has {series.lengths[shortest] - 50} steps after"):
+            main(["predict", *run, "--ckpt_path=last", f"--data.predict_indices=[{shortest}]",
+                  "--model.forecast.forecast_steps=60"])  # fmt: skip
+        assert Ledger(LEDGER).total() == spent
+
     forecaster = Forecaster.from_checkpoint(checkpoint)
+    same = forecaster.predict([v[:50] for v in series.values], horizon=4)  # what the command generated
+    assert forecast["status"] == "finished" and forecast["flops"] == same.flops > 0  # charged, less the refund
     contexts = [v[:k] for v, k in zip(series.values[:3], (50, 41, 60), strict=True)]  # a list of different lengths
     prediction = forecaster.predict(contexts, horizon=4, num_samples=2, quantile_levels=(0.1, 0.5, 0.9))
     assert prediction.variables == names and prediction.median.shape == (3, 4, species)

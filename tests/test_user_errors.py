@@ -85,3 +85,15 @@ def test_a_refund_larger_than_the_charges_stops_a_run_with_its_line(run):
     Path(LEDGER).write_text(json.dumps({"event": "charge", "run_id": "x", "kind": "predict", "flops": -1e9}) + "\n")
     assert fails(["fit", *run]).startswith("lit-llmtime: error: ledger.jsonl, line 1: not a ledger record (a refund")
     assert not Path("checkpoints").exists()  # the run never started
+
+
+def test_the_private_lightningcli_methods_run_py_overrides_are_still_called():
+    """run.py overrides two private LightningCLI methods, and nothing else private of Lightning's:
+    ``_parse_ckpt_path`` (to say what a checkpoint's hyperparameters change, or refuse) and
+    ``_set_seed`` (resolving a run must not seed). Fail here, not silently, when Lightning renames them."""
+    import inspect
+
+    from lightning.pytorch.cli import LightningCLI
+
+    source = inspect.getsource(LightningCLI)
+    assert "self._parse_ckpt_path()" in source and "self._set_seed()" in source
