@@ -47,6 +47,7 @@ def main() -> None:
     if not Path(DATA).is_file():
         run("simulate", "--out", DATA, "--seed", "0")
     common = [
+        "--config", "configs/qwen2.5-0.5b/default.yaml",
         "--config", "configs/qwen2.5-0.5b/cpu-finetune.yaml", f"--model.model_name_or_path={args.model}",
         f"--data.data_path={DATA}", f"--flop_budget.ledger={LEDGER}", "--trainer.enable_progress_bar=false",
     ]  # fmt: skip

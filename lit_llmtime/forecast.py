@@ -223,12 +223,21 @@ def generate(
 
 
 class StepProgress:
-    """A progress bar over the forecast steps that every row has written, with tokens per second."""
+    """A progress bar over the forecast steps that every row has written, with tokens per second
+    (a context manager that closes it; ``disable``: no bar)."""
 
-    def __init__(self, steps: int, description: str) -> None:
-        self.bar = tqdm(total=steps, desc=description, unit="step", leave=False, dynamic_ncols=True)
+    def __init__(self, steps: int, description: str, disable: bool = False) -> None:
+        self.bar = tqdm(total=steps, desc=description, unit="step", leave=False, dynamic_ncols=True, disable=disable)
+
+    def __enter__(self) -> StepProgress:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.close()
 
     def __call__(self, grammar: LLMTimeGrammar, tokens: int, seconds: float) -> None:
+        if self.bar.disable:
+            return
         self.bar.update(int(grammar.steps_written.min()) - self.bar.n)
         self.bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):.0f} tokens/s", refresh=False)
 

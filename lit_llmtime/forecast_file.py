@@ -130,7 +130,7 @@ def forecast_file(
     )  # before generating: a time axis that cannot be continued stops the run before it is paid for
     config = {"model_name_or_path": ckpt_path or model_name_or_path, "input": str(input), "horizon": horizon}
     with LedgerCharge(forecaster, ledger, budget, out_path.stem, config) as charge:
-        prediction = forecaster.predict(context, horizon, batch_size=batch_size, before_batch=charge)
+        prediction = forecaster.predict(context, horizon, batch_size=batch_size, before_batch=charge, progress=True)
         charge.spent = prediction.flops
 
     frame = prediction_frame(context, prediction, id_column, time_column, times)

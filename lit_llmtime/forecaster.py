@@ -21,6 +21,7 @@ from lit_llmtime.forecast import (
     Forecasts,
     Generation,
     GenerationShape,
+    StepProgress,
     batch_grammar,
     decode_forecasts,
     generate,
@@ -318,12 +319,13 @@ class Forecaster:
         batch_size: int = 16,
         generator: torch.Generator | None = None,
         before_batch: Callable[[GenerationShape], None] | None = None,
+        progress: bool = False,
     ) -> Prediction:
         """Forecast ``horizon`` steps after each context: one (T, D) array, an (N, T, D) array, a
         list of (T_i, D) arrays of different lengths (a 1-D array is one variable; arrays take the
         adapter's variable names) or a ``SeriesSet`` (a file's). ``alpha`` overrides the scales (see
         ``scale_of``); ``num_samples`` the configured samples (1: greedy). ``before_batch`` sees
-        each batch's FLOP bound before it runs (a budget's charge)."""
+        each batch's FLOP bound before it runs (a budget's charge); ``progress`` shows a bar per batch."""
         series = context if isinstance(context, SeriesSet) else from_arrays(context, source="context")
         if self.variables is not None and len(self.variables) == len(series.variables) and series is not context:
             series.variables = self.variables
@@ -343,8 +345,18 @@ class Forecaster:
         settings = self.settings if num_samples is None else replace(self.settings, num_samples=num_samples)
         device = next(self.model.parameters()).device
         prediction = Prediction.empty(series.variables, quantile_levels, alphas)
-        for batch in prompt_batches(self.tokenizer, series, alphas, self.encoding.decimals, batch_size, device):
-            shape, generation, decoded = self.generate_batch(batch, horizon, settings, None, generator, before_batch)
+        batches = prompt_batches(self.tokenizer, series, alphas, self.encoding.decimals, batch_size, device)
+        for number, batch in enumerate(batches):
+            bar = (
+                StepProgress(horizon, f"forecast batch {number + 1} of {-(-len(values) // batch_size)}")
+                if progress
+                else None
+            )
+            try:
+                shape, generation, decoded = self.generate_batch(batch, horizon, settings, bar, generator, before_batch)
+            finally:
+                if bar is not None:
+                    bar.close()
             prediction.add(decoded, generation, shape, self.flop_model)
         return prediction
 

@@ -250,12 +250,8 @@ class LLMTimeLoRA(L.LightningModule):
         """Forecast ``forecast.forecast_steps`` steps of each trajectory from its prompt."""
         horizon = self.forecast.forecast_steps
         show = self.trainer.progress_bar_callback is not None and self.trainer.is_global_zero
-        progress = StepProgress(horizon, f"forecast batch {batch_idx}") if show else None
-        try:
+        with StepProgress(horizon, f"forecast batch {batch_idx}", disable=not show) as progress:
             return self.forecaster(batch, horizon, self.forecast.reference_forecasters, progress)
-        finally:
-            if progress is not None:
-                progress.close()
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = max(1, self.trainer.estimated_stepping_batches) if self.optim.schedule == "cosine" else 1

@@ -163,7 +163,13 @@ def test_bad_ledger_is_a_clear_error(tmp_path):
 def test_flops_command_predicts_the_report_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     configs = Path(__file__).parents[1] / "configs"
-    main(["flops", "--config", str(configs / "qwen2.5-0.5b/final.yaml"), "--accounting", "coursework"])
+    final = [
+        "--config",
+        str(configs / "qwen2.5-0.5b/default.yaml"),
+        "--config",
+        str(configs / "qwen2.5-0.5b/final.yaml"),
+    ]
+    main(["flops", *final, "--accounting", "coursework"])
     out = capsys.readouterr().out
     assert "6000 training steps   6.2243e+16  (62.2434% of the budget" in out  # the report: 6.23e16, 62.25%
     assert "validation and epoch ends not predicted" in out  # no data file here

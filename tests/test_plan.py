@@ -17,6 +17,7 @@ from lit_llmtime.run import resolve_run, run_identity
 from lit_llmtime.simulate import simulate, write_h5
 
 CONFIGS = Path(__file__).parents[1] / "configs"
+FINAL = ["--config", str(CONFIGS / "qwen2.5-0.5b/default.yaml"), "--config", str(CONFIGS / "qwen2.5-0.5b/final.yaml")]
 
 
 @pytest.fixture
@@ -125,15 +126,15 @@ def test_world_size_follows_lightning_device_settings():
 
 
 def test_resolved_config_has_typed_groups_and_identity_ignores_names():
-    config = resolve_run(["fit", "--config", str(CONFIGS / "qwen2.5-0.5b/final.yaml"), "--model.lora.alpha=16"])
+    config = resolve_run(["fit", *FINAL, "--model.lora.alpha=16"])
     assert (config.model.lora.rank, config.model.lora.alpha, config.model.optim.learning_rate) == (8, 16.0, 1e-4)
     assert config.model.encoding == config.data.encoding  # linked, not repeated
     renamed = resolve_run(
-        ["fit", "--config", str(CONFIGS / "qwen2.5-0.5b/final.yaml"), "--model.lora.alpha=16",
+        ["fit", *FINAL, "--model.lora.alpha=16",
          "--trainer.logger.init_args.name=other", "--flop_budget.run_name=other"]
     )  # fmt: skip
     assert run_identity(renamed) == run_identity(config)
-    changed = resolve_run(["fit", "--config", str(CONFIGS / "qwen2.5-0.5b/final.yaml"), "--data.encoding.decimals=3"])
+    changed = resolve_run(["fit", *FINAL, "--data.encoding.decimals=3"])
     assert run_identity(changed) != run_identity(config)
     assert changed.model.encoding.decimals == 3
 
