@@ -99,8 +99,8 @@ def refuse_deferred_stops(trainer: L.Trainer) -> None:
     """ValueError if the trainer promises ``min_steps`` or ``min_epochs``: Lightning would defer a
     budget stop until they are met, and a spent budget must be able to stop training at any step."""
     steps, epochs = trainer.fit_loop.min_steps, trainer.fit_loop.min_epochs
-    promised = {"min_steps": steps} if steps else {}
-    promised |= {"min_epochs": epochs} if epochs and not (steps and epochs == 1) else {}  # min_steps adds epochs=1
+    promised = {"min_steps": steps} if steps is not None else {}  # even 0: Lightning then sets min_epochs=1
+    promised |= {"min_epochs": epochs} if epochs and not (steps is not None and epochs == 1) else {}
     if promised:
         settings = ", ".join(f"{name}={value}" for name, value in promised.items())
         raise ValueError(

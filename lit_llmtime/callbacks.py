@@ -119,7 +119,8 @@ class FlopBudget(L.Callback):
         # Reached only when the previous batch was just validated, or another run spent the budget
         # since: this batch is not run and training stops.
         self._stop(f"stopped before step {trainer.global_step + 1}, which costs {cost:.3e} FLOPs")
-        trainer.should_stop = True  # LLMTimeLoRA.on_train_batch_start then skips this batch (Lightning's skip)
+        trainer.should_stop = True
+        pl_module.budget_refused_batch = True  # LLMTimeLoRA.on_train_batch_start then skips it (Lightning's -1)
 
     @staticmethod
     def _step_ends_at(trainer: L.Trainer, batch_idx: int) -> bool:
@@ -200,8 +201,7 @@ class FlopBudget(L.Callback):
         self._log(pl_module)
         self.record.describe(trainer, "running" if self.record.stage == "fit" else "finished")
 
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.on_validation_epoch_end(trainer, pl_module)
+    on_test_epoch_end = on_validation_epoch_end
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.record.stage != "fit":

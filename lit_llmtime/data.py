@@ -229,6 +229,19 @@ def collate_prompts(
     return batch if horizon is None else batch | {"horizon": horizon}
 
 
+def predict_indices(requested: list[int] | None, test: np.ndarray, n: int, source: str) -> list[int]:
+    """The series ``predict`` forecasts: ``requested`` (checked against the ``n`` series of
+    ``source``), else the report's samples 972 and 990-999 when the test split holds them, else
+    the whole test split."""
+    if requested is not None:
+        bad = [i for i in requested if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"{source}: predict_indices {bad} out of range [0, {n})")
+        return list(requested)
+    report = [972, *range(990, 1000)]
+    return report if set(report) <= set(test.tolist()) else test.tolist()
+
+
 class LotkaVolterraDataModule(L.LightningDataModule):
     """Series as LLMTIME token windows (fit, validate, test) and prompts (predict): the coursework
     Lotka-Volterra file by default, or any series of any number of variables (``series.load_series``).
@@ -251,13 +264,11 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         simulate_n: trajectories to simulate when generating.
         predict_indices: trajectories to forecast in ``predict``; default: the report's samples
             972 and 990-999 when the test split holds them, else the whole test split.
-        predict_batch_size: trajectories per generation batch in ``predict`` (default: batch_size);
-            generation is far faster in larger batches.
+        predict_batch_size: trajectories per generation batch in ``predict`` (default: batch_size).
         packing: train on one stream of all training texts, each ended by end-of-text, so every
             window is full (no padding; a window may span two trajectories). Matters once
             ``context_length`` exceeds a trajectory's text (about 1,000 tokens).
-        forecast_validation: validation trajectories forecast at every validation (a second
-            validation loader of prompts, one batch), so forecast skill is logged beside the loss.
+        forecast_validation: validation trajectories forecast at every validation (a second loader).
         train_loss: the training tokens the loss counts: ``all`` (as the report) or ``forecast``
             (only those after each trajectory's first ``encoding.prompt_steps`` steps, the part a
             forecast writes, as Chronos trains; the prompt steps are context). Validation and test
@@ -320,7 +331,10 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         if "train" not in self.datasets:
             self._setup_windows()
         if stage in ("predict", None) and "predict" not in self.datasets:  # only predict needs (and checks) them
-            self.datasets["predict"] = self._prompts(np.array(self.predict_indices(), dtype=np.int64))
+            chosen = predict_indices(
+                self.hparams.predict_indices, self.splits["test"], len(self.series), self.hparams.data_path
+            )
+            self.datasets["predict"] = self._prompts(np.array(chosen, dtype=np.int64))
         if stage in ("fit", "validate", None) and "val_forecast" not in self.datasets:
             self.datasets["val_forecast"] = self._validation_prompts()
 
@@ -388,18 +402,6 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         texts = [text + STEP_SEPARATOR for text in texts]  # the model writes the next step
         token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         return Prompts(indices, values, self.alphas[indices], token_ids)
-
-    def predict_indices(self) -> list[int]:
-        """The trajectories ``predict`` forecasts (checked against the data set)."""
-        n = len(self.series)
-        if self.hparams.predict_indices is not None:
-            bad = [i for i in self.hparams.predict_indices if not 0 <= i < n]
-            if bad:
-                raise ValueError(f"{self.hparams.data_path}: predict_indices {bad} out of range [0, {n})")
-            return list(self.hparams.predict_indices)
-        report = [972, *range(990, 1000)]
-        test = self.splits["test"].tolist()
-        return report if set(report) <= set(test) else test
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,35 +38,44 @@ def split_context(series: SeriesSet, context_steps: int, horizon: int) -> tuple[
 
 class LedgerCharge:
     """Charges each generation batch's FLOP bound before it runs (refusing one that does not fit),
-    refunds what generation did not use, and describes the run: as the budget does for predict.
-    Used as a context manager, a run that fails or is refused part-way is settled too."""
+    refunds what the finished batches did not use, and describes the run: as the budget does for
+    predict. A context manager: a run that fails or is refused part-way is settled too (a batch
+    that was running stays charged at its bound, since its work may have been done)."""
 
     def __init__(self, forecaster: Forecaster, ledger: str | None, budget: float, name: str, config: dict) -> None:
         self.forecaster, self.authority, self.name, self.config = forecaster, Budget(ledger, budget), name, config
         self.run_id = f"{name}/forecast/{time.strftime('%Y%m%dT%H%M%S')}"
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
-        self.charged, self.spent = 0.0, 0.0
+        self.charged = self.running = self.unused = 0.0
 
     def __call__(self, shape: GenerationShape) -> None:
+        """Before a batch: charge its bound, or refuse it."""
         cost = shape.flops(self.forecaster.flop_model)
         if not self.authority.charge(self.run_id, cost, "generate"):
             left = self.authority.available()
             raise BudgetExhausted(f"FLOP budget: forecast needs {cost:.3e} FLOPs for its next batch; {left:.3e} left")
-        self.charged += cost
+        self.charged, self.running = self.charged + cost, cost
+
+    def finished(self, flops: float) -> None:
+        """After a batch: what it cost."""
+        self.unused, self.running = self.unused + self.running - flops, 0.0
 
     def __enter__(self) -> LedgerCharge:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        """Refund the unused bound (all of it when generation failed: a batch's cost is known only
-        when it finishes) and record how the run ended."""
-        self.authority.refund(self.run_id, self.charged - self.spent, "generate")
-        if self.charged or kind is None:
-            status = "finished" if kind is None else f"failed: {kind.__name__}"
-            if isinstance(error, BudgetExhausted):
-                status = f"refused: {error}"
-            self.authority.ledger.update(self.run_id, name=self.name, stage="forecast", status=status,
-                                         config=self.config, started=self.started)  # fmt: skip
+        status = "finished" if kind is None else f"failed: {kind.__name__}"
+        if isinstance(error, BudgetExhausted):
+            status = f"refused: {error}"
+        try:
+            self.authority.refund(self.run_id, self.unused, "generate")
+            if self.charged or kind is None:
+                self.authority.ledger.update(self.run_id, name=self.name, stage="forecast", status=status,
+                                             config=self.config, started=self.started)  # fmt: skip
+        except (OSError, ValueError) as failure:  # the run's own error, if any, is the one to see
+            if kind is None:
+                raise
+            print(f"lit-llmtime: could not settle the forecast in the ledger: {failure}", file=sys.stderr)
 
 
 def forecast_file(
@@ -130,8 +140,9 @@ def forecast_file(
     )  # before generating: a time axis that cannot be continued stops the run before it is paid for
     config = {"model_name_or_path": ckpt_path or model_name_or_path, "input": str(input), "horizon": horizon}
     with LedgerCharge(forecaster, ledger, budget, out_path.stem, config) as charge:
-        prediction = forecaster.predict(context, horizon, batch_size=batch_size, before_batch=charge, progress=True)
-        charge.spent = prediction.flops
+        prediction = forecaster.predict(
+            context, horizon, batch_size=batch_size, before_batch=charge, after_batch=charge.finished, progress=True
+        )
 
     frame = prediction_frame(context, prediction, id_column, time_column, times)
     with atomic_path(out_path) as tmp:

@@ -5,6 +5,8 @@ series, with a trained adapter (``from_checkpoint``) or a base model alone (``fr
 
 from __future__ import annotations
 
+import inspect
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -319,13 +321,14 @@ class Forecaster:
         batch_size: int = 16,
         generator: torch.Generator | None = None,
         before_batch: Callable[[GenerationShape], None] | None = None,
+        after_batch: Callable[[float], None] | None = None,
         progress: bool = False,
     ) -> Prediction:
-        """Forecast ``horizon`` steps after each context: one (T, D) array, an (N, T, D) array, a
-        list of (T_i, D) arrays of different lengths (a 1-D array is one variable; arrays take the
-        adapter's variable names) or a ``SeriesSet`` (a file's). ``alpha`` overrides the scales (see
-        ``scale_of``); ``num_samples`` the configured samples (1: greedy). ``before_batch`` sees
-        each batch's FLOP bound before it runs (a budget's charge); ``progress`` shows a bar per batch."""
+        """Forecast ``horizon`` steps after each context: a (T, D) or (N, T, D) array, a list of
+        (T_i, D) arrays of different lengths (1-D: one variable; arrays take the adapter's variable
+        names) or a ``SeriesSet``. ``alpha`` overrides the scales (``scale_of``), ``num_samples``
+        the configured samples (1: greedy); ``before_batch`` sees each batch's FLOP bound before it
+        runs (a budget's charge), ``after_batch`` its cost; ``progress``: a bar (on a terminal)."""
         series = context if isinstance(context, SeriesSet) else from_arrays(context, source="context")
         if self.variables is not None and len(self.variables) == len(series.variables) and series is not context:
             series.variables = self.variables
@@ -389,14 +392,15 @@ def checkpoint_module(path: str | Path, model_name_or_path: str | None = None, f
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         hparams = dict(checkpoint["hyper_parameters"])
-    except Exception as error:  # torch.load of a CSV, an array, a text file: each fails its own way
+    except (pickle.UnpicklingError, RuntimeError, EOFError, IndexError, KeyError, TypeError, ValueError) as error:
+        # torch.load of a CSV, an array, a text file: each fails its own way
         raise ValueError(f"{path}: not a lit-llmtime checkpoint ({type(error).__name__}: {error})") from error
+    unknown = sorted(set(hparams) - set(inspect.signature(LLMTimeLoRA).parameters))
+    if unknown:
+        raise ValueError(f"{path}: not a lit-llmtime checkpoint (hyperparameters {unknown} are not LLMTimeLoRA's)")
     if model_name_or_path is not None:
         hparams["model_name_or_path"] = model_name_or_path
-    try:
-        module = LLMTimeLoRA(**hparams, forecast=as_args(ForecastArgs, forecast or ForecastArgs()))
-    except TypeError as error:  # hyperparameters of another module
-        raise ValueError(f"{path}: not a lit-llmtime checkpoint ({error})") from error
+    module = LLMTimeLoRA(**hparams, forecast=as_args(ForecastArgs, forecast or ForecastArgs()))
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     module.dataset_alpha, module.variables = checkpoint.get("dataset_alpha"), checkpoint.get("variables")

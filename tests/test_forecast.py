@@ -262,6 +262,7 @@ def test_llm_and_references_are_scored_on_the_same_steps():
     assert summary["generation"]["tokens_per_second"] == pytest.approx(100.0)
 
 
+@pytest.mark.processes
 def test_predict_on_two_processes_merges_once(small_h5, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = str(Path(__file__).parents[1] / "configs" / "quickstart.yaml")

@@ -146,6 +146,16 @@ def test_series_of_3_and_1_variables_train_and_forecast_through_the_cli_and_pyth
     forecaster = Forecaster.from_checkpoint(checkpoint)
     same = forecaster.predict([v[:50] for v in series.values], horizon=4)  # what the command generated
     assert forecast["status"] == "finished" and forecast["flops"] == same.flops > 0  # charged, less the refund
+    if species == 1:  # a budget that pays for the first of two batches: that batch is kept, at its cost
+        first = forecaster.predict([v[:50] for v in series.values[:10]], horizon=4)
+        spent = Ledger(LEDGER).total()
+        with pytest.raises(SystemExit, match="FLOP budget: forecast needs .* FLOPs for its next batch"):
+            main(["forecast", "--ckpt_path", str(checkpoint), "--input", f"series{suffix}", "--horizon", "4",
+                  "--out", "out/cut.csv", "--context_steps", "50", "--ledger", LEDGER, "--batch_size", "10",
+                  f"--budget={spent + 1.5 * first.flops_bound}"])  # fmt: skip
+        cut = next(r for r in Ledger(LEDGER).records() if r["name"] == "cut")
+        assert cut["status"].startswith("refused: FLOP budget") and cut["flops"] == pytest.approx(first.flops)
+        assert not Path("out/cut.csv").exists()  # nothing half-written
     contexts = [v[:k] for v, k in zip(series.values[:3], (50, 41, 60), strict=True)]  # a list of different lengths
     prediction = forecaster.predict(contexts, horizon=4, num_samples=2, quantile_levels=(0.1, 0.5, 0.9))
     assert prediction.variables == names and prediction.median.shape == (3, 4, species)

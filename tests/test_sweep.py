@@ -72,6 +72,7 @@ def test_sweep_file_errors(workdir, content, message):
     assert message in str(exit_info.value)
 
 
+@pytest.mark.processes
 @pytest.mark.slow
 def test_offline_study_runs_to_the_end_and_reports(workdir):
     study = Path("configs/quickstart-study.yaml")  # the shipped study, one learning rate (2 runs less)
@@ -122,6 +123,7 @@ def test_offline_study_runs_to_the_end_and_reports(workdir):
         assert f"({png})" in report
 
 
+@pytest.mark.processes
 @pytest.mark.slow
 def test_sigterm_to_a_sweep_keeps_its_run_and_the_sweep_again_finishes_only_what_is_left(workdir):
     spec = {
