@@ -3,14 +3,19 @@ configuration of a run (YAML + command-line overrides + defaults) through that s
 
 from __future__ import annotations
 
+import os
 import pickle
+import random
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import yaml
 from jsonargparse import Namespace, lazy_instance
@@ -91,13 +96,16 @@ class LitLLMTimeCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then turn ``--ckpt_path last`` (or ``best``) into the newest (or best) checkpoint of
-        the run name, before LightningCLI reads its hyperparameters (LoRA rank, output head, ...)."""
+        the run name, before LightningCLI reads its hyperparameters (LoRA rank, output head, ...);
+        note the model settings the user gave, so ``before_instantiate_classes`` can say what the
+        checkpoint's hyperparameters changed (or refuse); and refuse an unreadable checkpoint."""
         super().parse_arguments(parser, args)
         given = sys.argv[1:] if args is None else args
         self._args = [str(arg) for arg in given] if isinstance(given, list | tuple) else []  # for the checkpoint
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else None
-        if config is None or config.get("ckpt_path") not in ("last", "best"):
+        self._user_model = None if config is None else config.model.clone()
+        if config is None or not config.get("ckpt_path"):
             return
         dirpath = config.checkpoint.get("dirpath")
         if config.ckpt_path == "best" and subcommand != "fit":
@@ -108,17 +116,8 @@ class LitLLMTimeCLI(LightningCLI):
             verb = "resuming" if subcommand == "fit" else "using"  # fit: the newest run of this name, if any
             rank_zero_info(f"--ckpt_path last: {verb} {found}" if found else "--ckpt_path last: none yet, fresh start")
             config.ckpt_path = None if found is None else str(found)
-
-    def _parse_ckpt_path(self) -> None:
-        """LightningCLI puts a checkpoint's hyperparameters over the config; first note what the
-        user had, so ``before_instantiate_classes`` can say what changed (or refuse)."""
-        config = self.config.get(self.config.get("subcommand") or "", None)
-        self._user_model = None if config is None else config.model.clone()
-        try:
-            super()._parse_ckpt_path()  # the one private LightningCLI method this project overrides
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
-            path = config.ckpt_path
-            raise ValueError(f"{path}: not a readable checkpoint, truncated or not a checkpoint ({error})") from error
+        if config.ckpt_path:
+            check_readable_checkpoint(config.ckpt_path)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
@@ -253,6 +252,34 @@ def lightning_cli(args: list[str] | None = None, cli_class: type[LightningCLI] =
     )
 
 
+def check_readable_checkpoint(path: str) -> None:
+    """ValueError naming ``path`` unless it is a checkpoint torch can read (a truncated file, a
+    data file), before LightningCLI reads its hyperparameters with a bare traceback."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{path}: not a readable checkpoint, truncated or not a checkpoint ({error})") from error
+
+
+@contextmanager
+def kept_random_state() -> Iterator[None]:
+    """Python's, numpy's and torch's random generators, and Lightning's seed variables, as they
+    were before the block (which may seed them)."""
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    variables = {name: os.environ.get(name) for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        for name, value in variables.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class _Resolved(Exception):
     """Carries a parsed configuration out of LightningCLI before anything is instantiated."""
 
@@ -261,9 +288,6 @@ class _Resolved(Exception):
 
 
 class _ResolveOnly(LitLLMTimeCLI):
-    def _set_seed(self) -> None:  # resolving must not seed this process's random generators
-        pass
-
     def before_instantiate_classes(self) -> None:
         raise _Resolved(self.config[self.subcommand])
 
@@ -272,8 +296,8 @@ def resolve_run(args: list[str]) -> Namespace:
     """The resolved configuration of a run, e.g. ``["fit", "--config", "x.yaml", "--model.lora.rank=16"]``:
     exactly what that command would run with, parsed by the same parser, with nothing loaded."""
     try:
-        with warnings.catch_warnings():  # LightningCLI warns when args differ from sys.argv: here they must
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        with warnings.catch_warnings(), kept_random_state():  # LightningCLI seeds: resolving must not
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # args are not sys.argv
             lightning_cli(list(args), cli_class=_ResolveOnly)
     except _Resolved as resolved:
         return resolved.config

@@ -87,13 +87,23 @@ def test_a_refund_larger_than_the_charges_stops_a_run_with_its_line(run):
     assert not Path("checkpoints").exists()  # the run never started
 
 
-def test_the_private_lightningcli_methods_run_py_overrides_are_still_called():
-    """run.py overrides two private LightningCLI methods, and nothing else private of Lightning's:
-    ``_parse_ckpt_path`` (to say what a checkpoint's hyperparameters change, or refuse) and
-    ``_set_seed`` (resolving a run must not seed). Fail here, not silently, when Lightning renames them."""
-    import inspect
+def test_resolving_a_run_leaves_this_process_unseeded(run):
+    """``lit-llmtime flops`` and the sweep resolve runs through LightningCLI, which seeds; without
+    overriding its private ``_set_seed``, the random state is kept around it instead."""
+    import random
 
-    from lightning.pytorch.cli import LightningCLI
+    import numpy as np
+    import torch
 
-    source = inspect.getsource(LightningCLI)
-    assert "self._parse_ckpt_path()" in source and "self._set_seed()" in source
+    from lit_llmtime.run import resolve_run
+
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    expected = random.random(), np.random.rand(), torch.rand(1).item()
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    config = resolve_run(["fit", *run, "--seed_everything=7"])
+    assert config.seed_everything == 7
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
