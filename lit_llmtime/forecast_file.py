@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from lit_llmtime.config import ForecastArgs
 from lit_llmtime.evaluation import markdown_table, summarise, summary_lines
@@ -93,6 +94,7 @@ def forecast_file(
     ledger: str | None = DEFAULT_LEDGER,
     budget: float = DEFAULT_BUDGET,
     max_figures: int = 12,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Forecast every series of a data file (CSV, parquet, npy, h5) and write them as a table.
 
@@ -116,6 +118,8 @@ def forecast_file(
         ledger: the FLOP ledger the generation is charged to.
         budget: the FLOP budget.
         max_figures: figures are drawn for at most this many series.
+        device: where the model runs: ``auto`` (the GPU when there is one, with the static KV cache
+            and the compiled step as ``forecast.compile: auto``), ``cpu``, ``cuda``, ``cuda:1`` ...
 
     Returns what was written and, with ``context_steps``, the metrics summary.
     """
@@ -128,10 +132,11 @@ def forecast_file(
         raise ValueError("forecast needs --ckpt_path (a trained adapter) or --model_name_or_path (a base model alone)")
     series = load_series(input, id_column, time_column, target)
     forecast = ForecastArgs(num_samples=num_samples)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if ckpt_path is not None:
-        forecaster = Forecaster.from_checkpoint(ckpt_path, model_name_or_path, forecast)
+        forecaster = Forecaster.from_checkpoint(ckpt_path, model_name_or_path, forecast, device)
     else:
-        forecaster = Forecaster.from_model(model_name_or_path, forecast=forecast)
+        forecaster = Forecaster.from_model(model_name_or_path, forecast=forecast, device=device)
     context, truth = (series, None) if context_steps is None else split_context(series, context_steps, horizon)
     times = (
         [future_times(t, horizon) for t in context.time]
