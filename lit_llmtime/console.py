@@ -76,9 +76,6 @@ class _DropTip(logging.Filter):
 
 def quiet_lightning() -> None:
     """Filter what only a Lightning release can fix: its advertisement for litlogger on every run,
-    a deprecation torch raises inside Lightning's own pytree helper, and its advice to pass the
-    checkpoint's ModelCheckpoint to validate/test/predict (run.py leaves it out on purpose: only
-    fit saves checkpoints)."""
+    and a deprecation torch raises inside Lightning's own pytree helper."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTip())
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create")

@@ -224,9 +224,9 @@ def generate(
 
 class StepProgress:
     """A progress bar over the forecast steps that every row has written, with tokens per second
-    (a context manager that closes it; ``disable``: no bar)."""
+    (a context manager that closes it; ``disable``: no bar; None: no bar unless on a terminal)."""
 
-    def __init__(self, steps: int, description: str, disable: bool = False) -> None:
+    def __init__(self, steps: int, description: str, disable: bool | None = False) -> None:
         self.bar = tqdm(total=steps, desc=description, unit="step", leave=False, dynamic_ncols=True, disable=disable)
 
     def __enter__(self) -> StepProgress:

@@ -133,6 +133,11 @@ def forecast_file(
     series = load_series(input, id_column, time_column, target)
     forecast = ForecastArgs(num_samples=num_samples)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    try:
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device here")
+    except RuntimeError as error:  # not a device name
+        raise ValueError(f"--device {device}: {error}") from error
     if ckpt_path is not None:
         forecaster = Forecaster.from_checkpoint(ckpt_path, model_name_or_path, forecast, device)
     else:

@@ -349,18 +349,14 @@ class Forecaster:
         device = next(self.model.parameters()).device
         prediction = Prediction.empty(series.variables, quantile_levels, alphas)
         batches = prompt_batches(self.tokenizer, series, alphas, self.encoding.decimals, batch_size, device)
-        for number, batch in enumerate(batches):
-            bar = (
-                StepProgress(horizon, f"forecast batch {number + 1} of {-(-len(values) // batch_size)}")
-                if progress
-                else None
-            )
-            try:
+        for number, batch in enumerate(batches, start=1):
+            description = f"forecast batch {number} of {-(-len(values) // batch_size)}"
+            with StepProgress(horizon, description, disable=None if progress else True) as bar:  # None: a terminal's
                 shape, generation, decoded = self.generate_batch(batch, horizon, settings, bar, generator, before_batch)
-            finally:
-                if bar is not None:
-                    bar.close()
+            spent = prediction.flops
             prediction.add(decoded, generation, shape, self.flop_model)
+            if after_batch is not None:
+                after_batch(prediction.flops - spent)
         return prediction
 
     def predict_df(
@@ -395,7 +391,7 @@ def checkpoint_module(path: str | Path, model_name_or_path: str | None = None, f
     except (pickle.UnpicklingError, RuntimeError, EOFError, IndexError, KeyError, TypeError, ValueError) as error:
         # torch.load of a CSV, an array, a text file: each fails its own way
         raise ValueError(f"{path}: not a lit-llmtime checkpoint ({type(error).__name__}: {error})") from error
-    unknown = sorted(set(hparams) - set(inspect.signature(LLMTimeLoRA).parameters))
+    unknown = sorted(set(hparams) - (set(inspect.signature(LLMTimeLoRA).parameters) - {"forecast"}))
     if unknown:
         raise ValueError(f"{path}: not a lit-llmtime checkpoint (hyperparameters {unknown} are not LLMTimeLoRA's)")
     if model_name_or_path is not None:

@@ -162,7 +162,8 @@ class LLMTimeLoRA(L.LightningModule):
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> int | None:
         """Skip the batch (Lightning's -1) that the FLOP budget refused just before it (the budget
         also stops training; it refuses min_steps and min_epochs, which would defer that stop)."""
-        return -1 if self.budget_refused_batch else None
+        refused, self.budget_refused_batch = self.budget_refused_batch, False  # one batch, not every later fit
+        return -1 if refused else None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Mean next-token cross-entropy over labelled tokens, the output layer applied in chunks."""

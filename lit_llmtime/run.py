@@ -3,6 +3,7 @@ configuration of a run (YAML + command-line overrides + defaults) through that s
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import random
@@ -136,6 +137,8 @@ class LitLLMTimeCLI(LightningCLI):
         use_project_console(trainer)
         if self.subcommand != "fit":  # only fit saves checkpoints; restoring the callback's state only warns
             trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
+            # and Lightning's advice to pass it back does not apply (a fit resume keeps the warning)
+            warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create")
         return trainer
 
     def before_fit(self) -> None:
@@ -253,12 +256,30 @@ def lightning_cli(args: list[str] | None = None, cli_class: type[LightningCLI] =
 
 
 def check_readable_checkpoint(path: str) -> None:
-    """ValueError naming ``path`` unless it is a checkpoint torch can read (a truncated file, a
-    data file), before LightningCLI reads its hyperparameters with a bare traceback."""
+    """FileNotFoundError or ValueError naming a local ``path`` that is missing or not a checkpoint
+    torch can read (a truncated file, a data file), before LightningCLI reads its hyperparameters
+    with a bare traceback. Lightning's own names (``hpc``, ``registry``) and URLs are left to it."""
+    if path in ("hpc", "registry") or "://" in path:
+        return
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
         raise ValueError(f"{path}: not a readable checkpoint, truncated or not a checkpoint ({error})") from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: not a checkpoint (it holds a {type(checkpoint).__name__})")
+
+
+@contextmanager
+def quiet_seeding() -> Iterator[None]:
+    """No "Seed set to 0" line from a seeding that ``kept_random_state`` undoes."""
+    logger = logging.getLogger("lightning.fabric.utilities.seed")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
 
 
 @contextmanager
@@ -296,7 +317,7 @@ def resolve_run(args: list[str]) -> Namespace:
     """The resolved configuration of a run, e.g. ``["fit", "--config", "x.yaml", "--model.lora.rank=16"]``:
     exactly what that command would run with, parsed by the same parser, with nothing loaded."""
     try:
-        with warnings.catch_warnings(), kept_random_state():  # LightningCLI seeds: resolving must not
+        with warnings.catch_warnings(), kept_random_state(), quiet_seeding():  # LightningCLI seeds: resolving must not
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # args are not sys.argv
             lightning_cli(list(args), cli_class=_ResolveOnly)
     except _Resolved as resolved:
@@ -326,7 +347,5 @@ def run_identity(config: Namespace) -> dict[str, Any]:
     for key in NOT_IDENTITY:
         if key in flat:
             del flat[key]
-    identity = {key: str(value) for key, value in sorted(flat.items())}
-    if config.get("seed_everything") is True:  # a fresh random seed each time: no two runs are the same
-        identity["seed_everything"] = f"random {id(config)}"
-    return identity
+    # seed_everything: true is resolved to the seed LightningCLI chose, as the run itself will be
+    return {key: str(value) for key, value in sorted(flat.items())}

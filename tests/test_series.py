@@ -125,7 +125,7 @@ def test_series_of_3_and_1_variables_train_and_forecast_through_the_cli_and_pyth
     checkpoint = next(Path("checkpoints").rglob("last.ckpt"))
 
     main(["forecast", "--ckpt_path", str(checkpoint), "--input", f"series{suffix}", "--horizon", "4",
-          "--out", "out/forecasts.csv", "--context_steps", "50", "--ledger", LEDGER])  # fmt: skip
+          "--out", "out/forecasts.csv", "--context_steps", "50", "--ledger", LEDGER, "--device", "cpu"])  # fmt: skip
     table = pd.read_csv("out/forecasts.csv")
     names = series.variables
     assert list(table.columns[:3]) == ["series_id", "time", names[0]] and f"{names[-1]}_0.9" in table.columns
@@ -152,12 +152,15 @@ def test_series_of_3_and_1_variables_train_and_forecast_through_the_cli_and_pyth
         with pytest.raises(SystemExit, match="FLOP budget: forecast needs .* FLOPs for its next batch"):
             main(["forecast", "--ckpt_path", str(checkpoint), "--input", f"series{suffix}", "--horizon", "4",
                   "--out", "out/cut.csv", "--context_steps", "50", "--ledger", LEDGER, "--batch_size", "10",
-                  f"--budget={spent + 1.5 * first.flops_bound}"])  # fmt: skip
+                  f"--budget={spent + 1.5 * first.flops_bound}", "--device", "cpu"])  # fmt: skip
         cut = next(r for r in Ledger(LEDGER).records() if r["name"] == "cut")
         assert cut["status"].startswith("refused: FLOP budget") and cut["flops"] == pytest.approx(first.flops)
         assert not Path("out/cut.csv").exists()  # nothing half-written
     contexts = [v[:k] for v, k in zip(series.values[:3], (50, 41, 60), strict=True)]  # a list of different lengths
-    prediction = forecaster.predict(contexts, horizon=4, num_samples=2, quantile_levels=(0.1, 0.5, 0.9))
+    costs = []  # what each batch cost, as a budget settles it
+    prediction = forecaster.predict(contexts, horizon=4, num_samples=2, quantile_levels=(0.1, 0.5, 0.9),
+                                    batch_size=2, after_batch=costs.append)  # fmt: skip
+    assert len(costs) == 2 and sum(costs) == pytest.approx(prediction.flops)
     assert prediction.variables == names and prediction.median.shape == (3, 4, species)
     assert prediction.quantiles.shape == (3, 3, 4, species) and prediction.samples.shape == (3, 2, 4, species)
     assert prediction.valid_share.tolist() == [1.0, 1.0, 1.0]
@@ -205,3 +208,30 @@ def test_predict_df_continues_each_series_at_its_frequency(run):
     assert torch.is_grad_enabled()  # forecasting leaves the caller's autograd state alone
     with pytest.raises(ValueError, match=r"trained on 2 variables \('prey', 'predator'\); the context has 3"):
         forecaster.predict(np.ones((20, 3)), horizon=2)
+
+
+def test_a_forecast_settles_each_finished_batch_and_keeps_a_failed_ones_bound(tmp_path):
+    from types import SimpleNamespace
+
+    from conftest import TINY
+
+    from lit_llmtime.flops import FlopModel
+    from lit_llmtime.forecast import GenerationShape
+    from lit_llmtime.forecast_file import LedgerCharge
+
+    model = FlopModel(TINY)
+    shape = GenerationShape(rows=2, prompt_tokens=40, max_new_tokens=30, head_rows=14)
+    bound, actual = shape.flops(model), shape.flops(model, 12)  # a batch that wrote 12 of its 30 tokens
+    forecaster = SimpleNamespace(flop_model=model)
+    with LedgerCharge(forecaster, str(tmp_path / "a.jsonl"), 1e15, "done", {}) as charge:
+        charge(shape)
+        charge.finished(actual)
+    (record,) = Ledger(tmp_path / "a.jsonl").records()
+    assert record["status"] == "finished" and record["flops"] == pytest.approx(actual) and actual < bound
+    with pytest.raises(RuntimeError), LedgerCharge(forecaster, str(tmp_path / "b.jsonl"), 1e15, "cut", {}) as charge:
+        charge(shape)
+        charge.finished(actual)
+        charge(shape)  # the second batch fails while it runs: its work may be done, its bound stays charged
+        raise RuntimeError("out of memory")
+    (record,) = Ledger(tmp_path / "b.jsonl").records()
+    assert record["status"] == "failed: RuntimeError" and record["flops"] == pytest.approx(actual + bound)
