@@ -192,6 +192,17 @@ class Prompts(Dataset):
         }
 
 
+def left_padded(token_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of prompts left-padded to the longest (generation appends on the right)."""
+    length = max(len(ids) for ids in token_ids)
+    input_ids = torch.full((len(token_ids), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(token_ids), length), dtype=torch.long)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, length - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
 def collate_prompts(
     items: list[dict],
     pad_token_id: int,
@@ -204,13 +215,7 @@ def collate_prompts(
     truth after each prompt is its next ``horizon`` steps (default: all; NaN after a shorter
     series' end), and a batch with a ``horizon`` is forecast exactly that far (validation
     forecasts). ``variables`` names the series' variables (default: x0, x1, ...; prey and predator for two)."""
-    length = max(len(item["input_ids"]) for item in items)
-    input_ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(items), length), dtype=torch.long)
-    for row, item in enumerate(items):
-        ids = item["input_ids"]
-        input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, length - len(ids) :] = 1
+    input_ids, attention_mask = left_padded([item["input_ids"] for item in items], pad_token_id)
     longest, width = max(len(item["trajectory"]) for item in items), items[0]["trajectory"].shape[1]
     stacked = np.full((len(items), longest, width), np.nan)
     for row, item in enumerate(items):

@@ -18,10 +18,10 @@ from lit_llmtime.config import ForecastArgs
 from lit_llmtime.evaluation import markdown_table, summarise, summary_lines
 from lit_llmtime.forecast import GenerationShape
 from lit_llmtime.forecaster import Forecaster, Prediction, future_times, prediction_frame
-from lit_llmtime.io import atomic_path, write_text_atomic
+from lit_llmtime.io import write_text_atomic
 from lit_llmtime.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, BudgetExhausted
 from lit_llmtime.references import persistence
-from lit_llmtime.series import ID_COLUMN, TABLE_SUFFIXES, TIME_COLUMN, SeriesSet, load_series
+from lit_llmtime.series import ID_COLUMN, TABLE_SUFFIXES, TIME_COLUMN, SeriesSet, load_series, write_table
 
 
 def split_context(series: SeriesSet, context_steps: int, horizon: int) -> tuple[SeriesSet, list[np.ndarray]]:
@@ -154,9 +154,7 @@ def forecast_file(
             context, horizon, batch_size=batch_size, before_batch=charge, after_batch=charge.finished, progress=True
         )
 
-    frame = prediction_frame(context, prediction, id_column, time_column, times)
-    with atomic_path(out_path) as tmp:
-        frame.to_csv(tmp, index=False) if out_path.suffix.lower() == ".csv" else frame.to_parquet(tmp, index=False)
+    write_table(out_path, prediction_frame(context, prediction, id_column, time_column, times))
     lower, upper = np.quantile(prediction.samples, [0.05, 0.95], axis=1)  # the figures' 5-95% band, as predict's
     figures = []
     for row, name in enumerate(context.ids[:max_figures]):
@@ -172,10 +170,9 @@ def forecast_file(
     print(f"forecast {len(context)} series {horizon} steps ahead ({valid:.0f}% of steps parsed): {out_path}")
     if truth is not None:
         written["summary"] = summary = summarise(_as_predictions(context, truth, prediction, horizon))
-        write_text_atomic(out_path.with_name(f"{out_path.stem}_metrics.json"), json.dumps(summary, indent=2))
-        write_text_atomic(out_path.with_name(f"{out_path.stem}_metrics.md"), markdown_table(summary))
-        metrics = out_path.with_name(f"{out_path.stem}_metrics.md")
-        print(summary_lines(summary, metrics, figures, also=f"{out_path.stem}_metrics.json"))
+        metrics = write_text_atomic(out_path.with_name(f"{out_path.stem}_metrics.md"), markdown_table(summary))
+        also = write_text_atomic(metrics.with_suffix(".json"), json.dumps(summary, indent=2))
+        print(summary_lines(summary, metrics, figures, also=also.name))
     else:
         print("figures: " + ", ".join(str(f) for f in figures[:4]) + (" ..." if len(figures) > 4 else ""))
     print(f"generation: {prediction.flops:.3e} FLOPs charged to {ledger or 'no ledger'}")

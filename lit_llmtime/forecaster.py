@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lit_llmtime.config import DEFAULT_MODEL, EncodingArgs, ForecastArgs, LoRAArgs, as_args
+from lit_llmtime.data import left_padded
 from lit_llmtime.flops import FlopModel
 from lit_llmtime.forecast import (
     Forecasts,
@@ -114,41 +115,29 @@ class Prediction:
     seconds: float
 
     @classmethod
-    def empty(cls, variables: tuple[str, ...], levels, alphas: np.ndarray) -> Prediction:
-        """No series yet (``add`` appends batches)."""
-        width, levels = len(variables), tuple(float(level) for level in levels)
+    def of(cls, variables, levels, alphas: np.ndarray, batches: list, flop_model: FlopModel | None) -> Prediction:
+        """The forecasts of generated ``batches`` of (shape, generation, decoded forecasts)."""
+        levels = tuple(float(level) for level in levels)
+        samples = np.concatenate([decoded.samples for _, _, decoded in batches])
         return cls(
-            variables=tuple(variables), median=np.empty((0, 0, width)), quantile_levels=levels,
-            quantiles=np.empty((0, len(levels), 0, width)), samples=np.empty((0, 0, 0, width)), texts=[],
-            valid_share=np.empty(0), alpha=np.asarray(alphas, dtype=np.float64), flops=0.0, flops_bound=0.0,
-            tokens=0, seconds=0.0,
-        )  # fmt: skip
-
-    def add(self, decoded: Forecasts, generation: Generation, shape: GenerationShape, flop_model) -> None:
-        """Append a batch's forecasts and what generating them took."""
-        quantiles = np.moveaxis(np.quantile(decoded.samples, self.quantile_levels, axis=1), 0, 1)
-        first = not len(self.texts)
-        self.median = decoded.forecast if first else np.concatenate([self.median, decoded.forecast])
-        self.quantiles = quantiles if first else np.concatenate([self.quantiles, quantiles])
-        self.samples = decoded.samples if first else np.concatenate([self.samples, decoded.samples])
-        self.valid_share = np.concatenate([self.valid_share, decoded.valid_share])
-        self.texts = self.texts + decoded.texts
-        if flop_model is not None:
-            self.flops_bound += shape.flops(flop_model)
-            self.flops += shape.flops(flop_model, generation.tokens.shape[1])
-        self.tokens += generation.tokens.numel()
-        self.seconds += generation.seconds
+            variables=tuple(variables),
+            median=np.concatenate([decoded.forecast for _, _, decoded in batches]),
+            quantile_levels=levels,
+            quantiles=np.moveaxis(np.quantile(samples, levels, axis=1), 0, 1),
+            samples=samples,
+            texts=[text for _, _, decoded in batches for text in decoded.texts],
+            valid_share=np.concatenate([decoded.valid_share for _, _, decoded in batches]),
+            alpha=np.asarray(alphas, dtype=np.float64),
+            flops=sum(generated_flops(shape, generation, flop_model) for shape, generation, _ in batches),
+            flops_bound=sum(shape.flops(flop_model) for shape, _, _ in batches) if flop_model is not None else 0.0,
+            tokens=sum(generation.tokens.numel() for _, generation, _ in batches),
+            seconds=sum(generation.seconds for _, generation, _ in batches),
+        )
 
 
-def left_padded(token_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of prompts left-padded to the longest (generation appends on the right)."""
-    length = max(len(ids) for ids in token_ids)
-    input_ids = torch.full((len(token_ids), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(token_ids), length), dtype=torch.long)
-    for row, ids in enumerate(token_ids):
-        input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, length - len(ids) :] = 1
-    return input_ids, attention_mask
+def generated_flops(shape: GenerationShape, generation: Generation, flop_model: FlopModel | None) -> float:
+    """What a generation cost by ``flop_model`` (0.0 without one)."""
+    return 0.0 if flop_model is None else shape.flops(flop_model, generation.tokens.shape[1])
 
 
 def future_times(time: np.ndarray, horizon: int) -> np.ndarray:
@@ -347,17 +336,16 @@ class Forecaster:
         )
         settings = self.settings if num_samples is None else replace(self.settings, num_samples=num_samples)
         device = next(self.model.parameters()).device
-        prediction = Prediction.empty(series.variables, quantile_levels, alphas)
+        done = []
         batches = prompt_batches(self.tokenizer, series, alphas, self.encoding.decimals, batch_size, device)
         for number, batch in enumerate(batches, start=1):
             description = f"forecast batch {number} of {-(-len(values) // batch_size)}"
             with StepProgress(horizon, description, disable=None if progress else True) as bar:  # None: a terminal's
                 shape, generation, decoded = self.generate_batch(batch, horizon, settings, bar, generator, before_batch)
-            spent = prediction.flops
-            prediction.add(decoded, generation, shape, self.flop_model)
+            done.append((shape, generation, decoded))
             if after_batch is not None:
-                after_batch(prediction.flops - spent)
-        return prediction
+                after_batch(generated_flops(shape, generation, self.flop_model))
+        return Prediction.of(series.variables, quantile_levels, alphas, done, self.flop_model)
 
     def predict_df(
         self,

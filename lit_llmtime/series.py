@@ -270,18 +270,18 @@ def save_series(path: str | Path, series: SeriesSet) -> Path:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataFileError(f"{path}: unknown data file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
-    with atomic_path(path) as tmp:
-        if suffix in TABLE_SUFFIXES:
-            import pandas as pd
+    if suffix in TABLE_SUFFIXES:
+        import pandas as pd
 
-            rows = zip(series.ids, series.time, series.values, strict=True)
-            frame = pd.concat(
-                [pd.DataFrame({ID_COLUMN: name, TIME_COLUMN: time} | dict(zip(series.variables, values.T, strict=True)))
-                 for name, time, values in rows],
-                ignore_index=True,
-            )  # fmt: skip
-            frame.to_csv(tmp, index=False) if suffix == ".csv" else frame.to_parquet(tmp, index=False)
-        elif suffix == ".npy":
+        rows = zip(series.ids, series.time, series.values, strict=True)
+        frame = pd.concat(
+            [pd.DataFrame({ID_COLUMN: name, TIME_COLUMN: time} | dict(zip(series.variables, values.T, strict=True)))
+             for name, time, values in rows],
+            ignore_index=True,
+        )  # fmt: skip
+        return write_table(path, frame)
+    with atomic_path(path) as tmp:
+        if suffix == ".npy":
             with open(tmp, "wb") as f:
                 np.save(f, series.as_array())
         else:
@@ -289,4 +289,12 @@ def save_series(path: str | Path, series: SeriesSet) -> Path:
                 f.create_dataset("trajectories", data=series.as_array())
                 f.create_dataset("time", data=series.common_time())
                 f["trajectories"].attrs["variables"] = list(series.variables)
+    return path
+
+
+def write_table(path: str | Path, frame) -> Path:
+    """Write a DataFrame atomically as CSV or (``.parquet``) parquet, without its index."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False) if path.suffix.lower() == ".parquet" else frame.to_csv(tmp, index=False)
     return path
