@@ -14,12 +14,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lit_llmtime.callbacks import FlopBudget
+from lit_llmtime.budget.callback import FlopBudget
+from lit_llmtime.budget.ledger import Budget
 from lit_llmtime.config import LoRAArgs
-from lit_llmtime.data import LotkaVolterraDataModule
-from lit_llmtime.ledger import Budget
-from lit_llmtime.model import LLMTimeLoRA
-from lit_llmtime.simulate import simulate, write_h5
+from lit_llmtime.data.module import LotkaVolterraDataModule
+from lit_llmtime.data.simulate import simulate, write_h5
+from lit_llmtime.training.module import LLMTimeLoRA
 
 MODEL = dict(
     vocab_size=151936, hidden_size=64, intermediate_size=256, num_hidden_layers=2,

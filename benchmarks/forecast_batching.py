@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from lit_llmtime.data import LotkaVolterraDataModule
-from lit_llmtime.forecast import generate
-from lit_llmtime.grammar import LLMTimeGrammar
-from lit_llmtime.model import build_base_model
-from lit_llmtime.simulate import simulate, write_h5
+from lit_llmtime.data.module import LotkaVolterraDataModule
+from lit_llmtime.data.simulate import simulate, write_h5
+from lit_llmtime.model.base import build_base_model
+from lit_llmtime.model.generate import generate
+from lit_llmtime.text.grammar import LLMTimeGrammar
 
 QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
 

@@ -26,12 +26,11 @@ import time
 
 import torch
 
-from lit_llmtime.budget import flop_model_for
 from lit_llmtime.config import QWEN2_5_0_5B_CONFIG, LoRAArgs
-from lit_llmtime.forecast import generate
-from lit_llmtime.grammar import LLMTimeGrammar
-from lit_llmtime.loss import loss_path
-from lit_llmtime.model import LLMTimeLoRA
+from lit_llmtime.model.generate import generate
+from lit_llmtime.model.loss import loss_path
+from lit_llmtime.text.grammar import LLMTimeGrammar
+from lit_llmtime.training.module import LLMTimeLoRA
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}  # dense, without sparsity
 STUDY_FLOPS = 9.2e16  # README, "Reproduce the report"
@@ -63,7 +62,7 @@ def train(output_vocab: str, steps: int) -> dict:
         torch.cuda.synchronize()
         if step >= 5:  # warm-up
             times.append(time.perf_counter() - start)
-    step_flops = flop_model_for(module).train_step(4, 768)
+    step_flops = module.flop_model().train_step(4, 768)
     median = statistics.median(times)
     hidden = torch.zeros(1, module.model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
     return {

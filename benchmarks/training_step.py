@@ -34,7 +34,7 @@ def run_variant(variant: str, tokens: int, steps: int) -> dict:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from lit_llmtime.config import QWEN2_5_0_5B_CONFIG, LoRAArgs
-    from lit_llmtime.model import LLMTimeLoRA
+    from lit_llmtime.training.module import LLMTimeLoRA
 
     torch.manual_seed(0)
     alphabet = torch.tensor([*range(15, 25), 13, 11, 26])  # digits . , ; as Qwen2.5 token ids

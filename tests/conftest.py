@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_llmtime.data import CHARACTER_TOKENIZER, OFFLINE_TOKENIZER, load_tokenizer
-from lit_llmtime.simulate import simulate, write_h5
+from lit_llmtime.data.simulate import simulate, write_h5
+from lit_llmtime.text.tokenizers import CHARACTER_TOKENIZER, OFFLINE_TOKENIZER, load_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -9,13 +9,14 @@ import pytest
 import torch
 from conftest import BATCH, CONTEXT, TINY
 
-from lit_llmtime.budget import SharedBudget, flop_model_for
-from lit_llmtime.callbacks import FlopBudget
-from lit_llmtime.cli import main
+from lit_llmtime.app.cli import main
+from lit_llmtime.budget.callback import FlopBudget
+from lit_llmtime.budget.gates import SharedBudget
+from lit_llmtime.budget.ledger import Budget, Ledger, LedgerError
 from lit_llmtime.config import ForecastValidationArgs, LoRAArgs, OptimArgs
-from lit_llmtime.data import CHARACTER_TOKENIZER, LotkaVolterraDataModule
-from lit_llmtime.ledger import Budget, Ledger, LedgerError
-from lit_llmtime.model import LLMTimeLoRA
+from lit_llmtime.data.module import LotkaVolterraDataModule
+from lit_llmtime.text.tokenizers import CHARACTER_TOKENIZER
+from lit_llmtime.training.module import LLMTimeLoRA
 
 
 def make(data_path):
@@ -30,7 +31,7 @@ def make(data_path):
 
 
 def step_cost(model, devices=1):
-    return devices * flop_model_for(model).train_step(BATCH, CONTEXT)
+    return devices * model.flop_model().train_step(BATCH, CONTEXT)
 
 
 def trainer(tmp_path, budget_callback, max_steps=100, more_callbacks=(), **kwargs):
@@ -66,7 +67,7 @@ def test_validation_and_logging_are_counted(tmp_path, small_h5):
     fit = trainer(tmp_path, budget, max_steps=4, limit_val_batches=2, val_check_interval=4, num_sanity_val_steps=0,
                   logger=CSVLogger(tmp_path), log_every_n_steps=1)  # fmt: skip
     fit.fit(model, data)
-    forward = flop_model_for(model).batch_forward(BATCH, CONTEXT)
+    forward = model.flop_model().batch_forward(BATCH, CONTEXT)
     assert budget.run_flops == 4 * step_cost(model) + 2 * forward
     assert fit.callback_metrics["flops/total"].item() == pytest.approx(budget.run_flops)
     assert fit.callback_metrics["flops/budget_used"].item() == pytest.approx(budget.run_flops / 1e15)

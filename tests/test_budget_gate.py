@@ -19,11 +19,11 @@ import yaml
 from conftest import BATCH, CONTEXT, LEDGER, TINY
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lit_llmtime.cli import main
-from lit_llmtime.flops import FlopModel
+from lit_llmtime.app.cli import main
+from lit_llmtime.app.run import AtomicCheckpointIO
+from lit_llmtime.budget.ledger import Budget, Ledger
 from lit_llmtime.io import UMASK, write_text_atomic
-from lit_llmtime.ledger import Budget, Ledger
-from lit_llmtime.run import AtomicCheckpointIO
+from lit_llmtime.model.flops import FlopModel
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 STEP = 3 * BATCH * FlopModel(TINY, lora_rank=8).forward(CONTEXT)  # one training batch of the tiny run
@@ -86,7 +86,7 @@ def test_two_processes_on_one_ledger_never_pass_the_budget(run):
 
 CHARGE_UNITS = """
 import os, sys
-from lit_llmtime.ledger import Budget
+from lit_llmtime.budget.ledger import Budget
 budget = Budget(sys.argv[1], 50.0)
 print(sum(budget.charge(f"worker-{os.getpid()}", 1.0, "train", steps=1) for _ in range(40)))
 """
@@ -103,7 +103,7 @@ def test_concurrent_charges_stop_exactly_at_the_budget(tmp_path):
 @pytest.mark.processes
 def test_reservations_of_dead_processes_are_reclaimed(tmp_path):
     path = tmp_path / LEDGER
-    reserve = "from lit_llmtime.ledger import Budget; assert Budget({path!r}, 100.0).reserve({name!r}, 60.0)"
+    reserve = "from lit_llmtime.budget.ledger import Budget; assert Budget({path!r}, 100.0).reserve({name!r}, 60.0)"
     subprocess.run([sys.executable, "-c", reserve.format(path=str(path), name="gone")], check=True)  # dies holding 60
     budget = Budget(path, 100.0)
     assert budget.available() == 100.0  # its reservation went with it
@@ -175,7 +175,7 @@ def test_validate_refuses_and_predict_shrinks_when_the_ledger_is_full(run, capsy
 
 def prompt_length(run) -> int:
     """The longest prompt (tokens) of the run's predict set."""
-    from lit_llmtime.data import LotkaVolterraDataModule
+    from lit_llmtime.data.module import LotkaVolterraDataModule
 
     config = yaml.safe_load(Path(run[1]).read_text())["data"]
     data = LotkaVolterraDataModule(**config)

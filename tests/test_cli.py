@@ -3,9 +3,9 @@ import ast
 import numpy as np
 import pytest
 
-from lit_llmtime.cli import main
-from lit_llmtime.data import load_trajectories
-from lit_llmtime.llmtime import encode
+from lit_llmtime.app.cli import main
+from lit_llmtime.data.module import load_trajectories
+from lit_llmtime.text.codec import encode
 
 
 def test_simulate_then_encode(tmp_path, capsys, tokenizer):

@@ -7,9 +7,9 @@ import warnings
 from conftest import BATCH, CONTEXT, TINY
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
-from lit_llmtime.cli import main
-from lit_llmtime.console import StepProgressBar
-from lit_llmtime.flops import FlopModel
+from lit_llmtime.app.cli import main
+from lit_llmtime.app.console import StepProgressBar
+from lit_llmtime.model.flops import FlopModel
 
 
 def test_the_console_counts_flops_and_steps_and_stays_quiet(run, caplog, capfd):

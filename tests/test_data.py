@@ -3,16 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from lit_llmtime.data import (
-    IGNORE_INDEX,
-    LotkaVolterraDataModule,
-    chunk_windows,
-    load_trajectories,
-    split_indices,
-    window_starts,
-)
-from lit_llmtime.llmtime import encode
-from lit_llmtime.series import DataFileError
+from lit_llmtime.data.module import LotkaVolterraDataModule, load_trajectories, split_indices
+from lit_llmtime.data.series import DataFileError
+from lit_llmtime.data.windows import IGNORE_INDEX, chunk_windows, window_starts
+from lit_llmtime.text.codec import encode
 
 
 def test_evaluation_windows_score_every_token_once_and_mask_padding():
@@ -166,7 +160,7 @@ def test_missing_and_non_hdf5_files(tmp_path):
 @pytest.mark.parametrize("scale_from", ["trajectory", "prompt", "dataset"])
 def test_one_scaling_rule_for_training_text_and_prompts(small_h5, tokenizer, scale_from):
     from lit_llmtime.config import EncodingArgs
-    from lit_llmtime.llmtime import global_alpha, scale_alpha
+    from lit_llmtime.text.codec import global_alpha, scale_alpha
 
     encoding = EncodingArgs(scale_from=scale_from, prompt_steps=30, decimals=3)
     dm = LotkaVolterraDataModule(

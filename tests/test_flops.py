@@ -4,7 +4,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from lit_llmtime.config import QWEN2_5_0_5B_CONFIG
-from lit_llmtime.flops import FlopModel, Ops, matmul
+from lit_llmtime.model.flops import FlopModel, Ops, matmul
 
 # d=4, 1 layer, 2 query heads and 1 key/value head of width 2, MLP 8, vocabulary 10.
 TINY = dict(

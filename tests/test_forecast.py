@@ -6,18 +6,19 @@ import pytest
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from lit_llmtime.cli import main
+from lit_llmtime.app.cli import main
+from lit_llmtime.app.run import lightning_cli
+from lit_llmtime.budget.ledger import Ledger
 from lit_llmtime.config import LoRAArgs
-from lit_llmtime.data import collate_prompts
-from lit_llmtime.evaluation import load_npz, summarise
-from lit_llmtime.forecast import decode_forecasts, fill_invalid, generate, next_token_logits
-from lit_llmtime.grammar import LLMTimeGrammar
-from lit_llmtime.ledger import Ledger
-from lit_llmtime.llmtime import decode, encode
-from lit_llmtime.metrics import score
-from lit_llmtime.model import LLMTimeLoRA, build_base_model
-from lit_llmtime.run import lightning_cli
-from lit_llmtime.simulate import simulate
+from lit_llmtime.data.prompts import collate_prompts
+from lit_llmtime.data.simulate import simulate
+from lit_llmtime.forecasting.evaluation import load_npz, summarise
+from lit_llmtime.forecasting.metrics import score
+from lit_llmtime.model.base import build_base_model
+from lit_llmtime.model.generate import decode_forecasts, fill_invalid, generate, next_token_logits
+from lit_llmtime.text.codec import decode, encode
+from lit_llmtime.text.grammar import LLMTimeGrammar
+from lit_llmtime.training.module import LLMTimeLoRA
 
 # initializer_range 1.0 makes a random model's greedy text varied (with 0.02 it repeats one token)
 RANDOM = dict(
@@ -166,7 +167,7 @@ def test_every_step_is_scored_with_the_stated_rule():
 def test_predict_logits_equal_validate_logits(small_h5, tmp_path):
     import lightning as L
 
-    from lit_llmtime.data import LotkaVolterraDataModule
+    from lit_llmtime.data.module import LotkaVolterraDataModule
 
     model = LLMTimeLoRA(model_config=RANDOM, torch_dtype="bfloat16", lora=LoRAArgs(rank=4))
     with torch.no_grad():

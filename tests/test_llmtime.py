@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from lit_llmtime.llmtime import decode, encode, global_alpha, scale_alpha
-from lit_llmtime.simulate import simulate
+from lit_llmtime.data.simulate import simulate
+from lit_llmtime.text.codec import decode, encode, global_alpha, scale_alpha
 
 # The report's examples (section 2): inputs, alpha to 3 d.p., text and Qwen2.5 token ids.
 EXAMPLES = [

@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from lit_llmtime.config import QWEN2_5_0_5B_CONFIG
-from lit_llmtime.lora import (
+from lit_llmtime.model.base import build_base_model
+from lit_llmtime.model.lora import (
     LoRALinear,
     apply_lora,
     count_trainable,
@@ -14,7 +15,6 @@ from lit_llmtime.lora import (
     save_peft_adapter,
     unmerge_lora,
 )
-from lit_llmtime.model import build_base_model
 
 TINY = dict(
     vocab_size=300,

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_llmtime.config import QWEN2_5_0_5B_CONFIG, LoRAArgs
-from lit_llmtime.data import IGNORE_INDEX, chunk_windows, pack, window_starts
-from lit_llmtime.flops import FlopModel
-from lit_llmtime.loss import evaluation_losses, fused_loss, linear_cross_entropy, loss_path, row_targets
-from lit_llmtime.model import LLMTimeLoRA
+from lit_llmtime.data.windows import IGNORE_INDEX, chunk_windows, pack, window_starts
+from lit_llmtime.model.flops import FlopModel
+from lit_llmtime.model.loss import evaluation_losses, fused_loss, linear_cross_entropy, loss_path, row_targets
+from lit_llmtime.training.module import LLMTimeLoRA
 
 TINY = dict(
     vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -128,10 +128,10 @@ def test_windows_by_hand_with_and_without_packing():
 def test_an_epochs_planned_flops_follow_the_windows(small_h5, tokenizer, tmp_path, monkeypatch, packing):
     import math
 
-    from lit_llmtime.data import LotkaVolterraDataModule
-    from lit_llmtime.llmtime import encode
-    from lit_llmtime.plan import plan_fit
-    from lit_llmtime.run import resolve_run
+    from lit_llmtime.app.run import resolve_run
+    from lit_llmtime.budget.plan import plan_fit
+    from lit_llmtime.data.module import LotkaVolterraDataModule
+    from lit_llmtime.text.codec import encode
 
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--config", "configs/quickstart.yaml", f"--data.data_path={small_h5}", "--data.val_size=6",

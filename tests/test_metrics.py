@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from lit_llmtime.metrics import QUANTILE_LEVELS, naive_scale, nanmean, score, weighted_quantile_loss
+from lit_llmtime.forecasting.metrics import QUANTILE_LEVELS, naive_scale, nanmean, score, weighted_quantile_loss
 
 
 def test_mase_divides_by_the_prompts_one_step_naive_error():

@@ -9,12 +9,12 @@ import pytest
 import yaml
 from conftest import TINY
 
-from lit_llmtime.cli import main
-from lit_llmtime.data import CHARACTER_TOKENIZER
-from lit_llmtime.ledger import Ledger
-from lit_llmtime.plan import plan_evaluate, plan_fit, world_size
-from lit_llmtime.run import resolve_run, run_identity
-from lit_llmtime.simulate import simulate, write_h5
+from lit_llmtime.app.cli import main
+from lit_llmtime.app.run import resolve_run, run_identity
+from lit_llmtime.budget.ledger import Ledger
+from lit_llmtime.budget.plan import plan_evaluate, plan_fit, world_size
+from lit_llmtime.data.simulate import simulate, write_h5
+from lit_llmtime.text.tokenizers import CHARACTER_TOKENIZER
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 FINAL = ["--config", str(CONFIGS / "qwen2.5-0.5b/default.yaml"), "--config", str(CONFIGS / "qwen2.5-0.5b/final.yaml")]
@@ -157,7 +157,7 @@ def test_predict_encodes_prompts_as_the_checkpoint_was_trained(tiny_config):
     main(["fit", *tiny_config, "--data.encoding.decimals=3", "--model.lora.rank=4", "--trainer.max_steps=2",
           "--trainer.limit_val_batches=1",
           "--trainer.val_check_interval=2"])  # fmt: skip
-    from lit_llmtime.run import lightning_cli
+    from lit_llmtime.app.run import lightning_cli
 
     cli = lightning_cli(
         ["predict", *tiny_config, "--ckpt_path=last", "--data.predict_indices=[36]",
@@ -167,7 +167,7 @@ def test_predict_encodes_prompts_as_the_checkpoint_was_trained(tiny_config):
     assert cli.model.lora.rank == 4  # `last` is resolved before the checkpoint's settings are read
     prompt = cli.datamodule.tokenizer.decode(cli.datamodule.datasets["predict"].token_ids[0])
     assert re.fullmatch(r"(\d+\.\d{3},\d+\.\d{3};){50}", prompt)
-    from lit_llmtime.evaluation import load_npz
+    from lit_llmtime.forecasting.evaluation import load_npz
 
     (written,) = Path("lightning_logs").rglob("predictions.npz")
     (text,) = load_npz(written)["texts"]
@@ -175,7 +175,7 @@ def test_predict_encodes_prompts_as_the_checkpoint_was_trained(tiny_config):
 
 
 def test_planned_generation_is_what_predict_charges_before_it_runs(tiny_config, capsys):
-    from lit_llmtime.plan import plan_predict
+    from lit_llmtime.budget.plan import plan_predict
 
     args = [*tiny_config, "--data.predict_indices=[35, 36, 37]", "--data.predict_batch_size=2",
             "--model.forecast.forecast_steps=4", "--model.forecast.reference_forecasters=[persistence]"]  # fmt: skip
@@ -192,16 +192,15 @@ def test_planned_generation_is_what_predict_charges_before_it_runs(tiny_config, 
 def test_static_cache_generation_is_planned_as_the_budget_charges_it(tiny_config):
     """``forecast.compile: on`` (as ``auto`` on CUDA): the plan and the budget's charge attend the
     whole preallocated cache, which the eager path's count does not."""
-    from lit_llmtime.budget import flop_model_for
-    from lit_llmtime.plan import plan_predict
-    from lit_llmtime.run import lightning_cli
+    from lit_llmtime.app.run import lightning_cli
+    from lit_llmtime.budget.plan import plan_predict
 
     args = [*tiny_config, "--data.predict_indices=[35, 36, 37]", "--data.predict_batch_size=2",
             "--model.forecast.forecast_steps=4", "--model.forecast.compile=on"]  # fmt: skip
     _, planned = plan_predict(resolve_run(["predict", *args]))
     cli = lightning_cli(["validate", *args, "--trainer.limit_val_batches=0"])  # builds the module; forecasts nothing
     cli.datamodule.setup("predict")
-    flop_model = flop_model_for(cli.model, "exact")
+    flop_model = cli.model.flop_model("exact")
     shapes = [cli.model.generation_shape(batch) for batch in cli.datamodule.predict_dataloader()]
     assert all(shape.cache_tokens % 256 == 0 and shape.prompt_tokens % 64 == 0 for shape in shapes)
     assert planned == pytest.approx(sum(shape.flops(flop_model) for shape in shapes), rel=1e-12)

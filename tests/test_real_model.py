@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from lit_llmtime.config import EncodingArgs, ForecastArgs, ForecastValidationArgs, LoRAArgs, OptimArgs
-from lit_llmtime.data import LotkaVolterraDataModule
-from lit_llmtime.evaluation import merge_predictions, summarise
-from lit_llmtime.model import LLMTimeLoRA
-from lit_llmtime.simulate import simulate, write_h5
+from lit_llmtime.data.module import LotkaVolterraDataModule
+from lit_llmtime.data.simulate import simulate, write_h5
+from lit_llmtime.forecasting.evaluation import merge_predictions, summarise
+from lit_llmtime.training.module import LLMTimeLoRA
 
 GGUF = os.environ.get("LIT_LLMTIME_GGUF")
 pytestmark = [
@@ -142,7 +142,6 @@ def test_short_lora_fit_lowers_the_validation_loss_then_forecasts(module, data_p
 def test_llmtime_head_against_the_full_head_at_equal_flops(data_path):
     """Fresh adapters, the same data order: the full head for 24 steps, the LLMTIME head for the steps
     the same FLOPs buy; validation loss over the whole vocabulary after each."""
-    from lit_llmtime.budget import flop_model_for
 
     losses, steps, costs = {}, {}, {}
     for head in ("full", "llmtime"):
@@ -150,7 +149,7 @@ def test_llmtime_head_against_the_full_head_at_equal_flops(data_path):
         model = LLMTimeLoRA(
             model_name_or_path=GGUF, lora=LoRAArgs(rank=8), optim=OptimArgs(learning_rate=1e-3), output_vocab=head
         )
-        costs[head] = cost = flop_model_for(model).train_step(2, 256)
+        costs[head] = cost = model.flop_model().train_step(2, 256)
         steps[head] = int(24 * costs["full"] / cost)  # the full head's 24 steps' FLOPs
         fit = trainer(max_steps=steps[head], val_check_interval=steps[head], limit_val_batches=4,
                       num_sanity_val_steps=0, enable_progress_bar=False)  # fmt: skip

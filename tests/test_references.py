@@ -1,9 +1,14 @@
 import numpy as np
 import pytest
 
-from lit_llmtime.metrics import score
-from lit_llmtime.references import fit_lotka_volterra, lotka_volterra_forecast, persistence, reference_forecast
-from lit_llmtime.simulate import integrate, sample_parameters, simulate
+from lit_llmtime.data.simulate import integrate, sample_parameters, simulate
+from lit_llmtime.forecasting.metrics import score
+from lit_llmtime.forecasting.references import (
+    fit_lotka_volterra,
+    lotka_volterra_forecast,
+    persistence,
+    reference_forecast,
+)
 
 
 def test_persistence_errors_on_a_hand_made_series():

@@ -10,12 +10,12 @@ import torch
 import yaml
 from conftest import LEDGER
 
-from lit_llmtime.cli import main
-from lit_llmtime.evaluation import load_npz
-from lit_llmtime.forecaster import Forecaster, future_times
-from lit_llmtime.ledger import Ledger
-from lit_llmtime.series import DataFileError, from_arrays, load_series, save_series
-from lit_llmtime.simulate import simulate
+from lit_llmtime.app.cli import main
+from lit_llmtime.budget.ledger import Ledger
+from lit_llmtime.data.series import DataFileError, from_arrays, load_series, save_series
+from lit_llmtime.data.simulate import simulate
+from lit_llmtime.forecasting.evaluation import load_npz
+from lit_llmtime.forecasting.forecaster import Forecaster, future_times
 
 
 def ragged(n: int = 20, species: int = 3, seed: int = 5):
@@ -94,7 +94,8 @@ def test_bad_files_give_their_one_line_through_the_command(tmp_path, monkeypatch
         ("ragged.npy", "--model_name_or_path"): "ragged.npy: not a numeric numpy array",
         ("data.txt", "--model_name_or_path"): "data.txt: unknown data file type '.txt'; use one of .h5, .hdf5, .npy",
         ("absent.csv", "--model_name_or_path"): "absent.csv: data file not found",
-        ("good.csv", "--ckpt_path"): "good.csv: not a lit-llmtime checkpoint",  # a data file as the checkpoint
+        # a data file as the checkpoint
+        ("good.csv", "--ckpt_path"): "good.csv: not a readable checkpoint, truncated or not a checkpoint",
     }
     for (name, model), message in cases.items():
         with pytest.raises(SystemExit) as exit_info:
@@ -215,9 +216,9 @@ def test_a_forecast_settles_each_finished_batch_and_keeps_a_failed_ones_bound(tm
 
     from conftest import TINY
 
-    from lit_llmtime.flops import FlopModel
-    from lit_llmtime.forecast import GenerationShape
-    from lit_llmtime.forecast_file import LedgerCharge
+    from lit_llmtime.app.forecast_command import LedgerCharge
+    from lit_llmtime.model.flops import FlopModel
+    from lit_llmtime.model.generate import GenerationShape
 
     model = FlopModel(TINY)
     shape = GenerationShape(rows=2, prompt_tokens=40, max_new_tokens=30, head_rows=14)

@@ -1,7 +1,7 @@
 import h5py
 import numpy as np
 
-from lit_llmtime.simulate import sample_self_limitation, simulate, write_h5
+from lit_llmtime.data.simulate import sample_self_limitation, simulate, write_h5
 
 
 def test_simulated_file_has_the_coursework_layout(tmp_path):

@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-from lit_llmtime.cli import main
-from lit_llmtime.data import CHARACTER_TOKENIZER
-from lit_llmtime.ledger import Ledger
-from lit_llmtime.report import read_scalars
-from lit_llmtime.sweep import Run, load_sweep, resolved, stage_runs
+from lit_llmtime.app.cli import main
+from lit_llmtime.app.report import read_scalars
+from lit_llmtime.app.sweep import Run, load_sweep, resolved, stage_runs
+from lit_llmtime.budget.ledger import Ledger
+from lit_llmtime.text.tokenizers import CHARACTER_TOKENIZER
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -135,7 +135,7 @@ def test_sigterm_to_a_sweep_keeps_its_run_and_the_sweep_again_finishes_only_what
         "stages": [{"name": "grid", "grid": {"model.lora.rank": [2, 8]}}],
     }  # fmt: skip
     Path("term.yaml").write_text(yaml.safe_dump(spec))
-    command = [sys.executable, "-m", "lit_llmtime.cli", "sweep", "--config", "term.yaml"]
+    command = [sys.executable, "-m", "lit_llmtime.app.cli", "sweep", "--config", "term.yaml"]
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lit_llmtime.cli import lightning_cli, main
-from lit_llmtime.data import CHARACTER_TOKENIZER
+from lit_llmtime.app.cli import lightning_cli, main
+from lit_llmtime.text.tokenizers import CHARACTER_TOKENIZER
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
 
@@ -84,7 +84,7 @@ def test_fit_logs_validation_forecasts_from_step_0(fitted):
 def test_validate_forecasts_as_the_forecaster_does(fitted, monkeypatch):
     import numpy as np
 
-    from lit_llmtime.metrics import score
+    from lit_llmtime.forecasting.metrics import score
 
     root, _ = fitted
     monkeypatch.chdir(root)

@@ -10,8 +10,8 @@ import h5py
 import pytest
 from conftest import LEDGER
 
-from lit_llmtime.cli import main
-from lit_llmtime.ledger import Ledger
+from lit_llmtime.app.cli import main
+from lit_llmtime.budget.ledger import Ledger
 
 
 def fails(args: list[str]) -> str:
@@ -95,7 +95,7 @@ def test_resolving_a_run_leaves_this_process_unseeded(run):
     import numpy as np
     import torch
 
-    from lit_llmtime.run import resolve_run
+    from lit_llmtime.app.run import resolve_run
 
     random.seed(123)
     np.random.seed(123)

@@ -16,9 +16,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lit_llmtime.flops import Accounting, FlopModel
-from lit_llmtime.ledger import Budget, BudgetExhausted
-from lit_llmtime.plan import batch_sizes, forecast_pass_flops, limit_batches, run_flop_model
+from lit_llmtime.budget.ledger import Budget, BudgetExhausted
+from lit_llmtime.budget.plan import batch_sizes, forecast_pass_flops, limit_batches
+from lit_llmtime.model.flops import Accounting, FlopModel
 
 
 def all_reduce_sum(trainer: L.Trainer, values: list[float]) -> list[float]:
@@ -107,11 +107,6 @@ def refuse_deferred_stops(trainer: L.Trainer) -> None:
             f"FLOP budget: trainer {settings} cannot be promised under a FLOP budget, which must be able to "
             "stop training at any step; leave it out (max_steps and max_epochs still bound the run)"
         )
-
-
-def flop_model_for(module: L.LightningModule, accounting: Accounting = "exact") -> FlopModel:
-    """The FLOP model of an ``LLMTimeLoRA`` (``plan.run_flop_model`` of its base config and settings)."""
-    return run_flop_model(module.model.config, module.lora, module.hparams.output_vocab, accounting)
 
 
 def built_model(hparams: dict[str, Any]) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import random
 import sys
 import warnings
@@ -26,14 +25,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_llmtime.callbacks import FlopBudget, ForecastWriter
+from lit_llmtime.app.console import quiet_lightning, use_project_console
+from lit_llmtime.budget.callback import FlopBudget
+from lit_llmtime.budget.ledger import Budget, BudgetExhausted
+from lit_llmtime.budget.plan import step_flops
 from lit_llmtime.config import EncodingArgs
-from lit_llmtime.console import quiet_lightning, use_project_console
-from lit_llmtime.data import LotkaVolterraDataModule
+from lit_llmtime.data.module import LotkaVolterraDataModule
+from lit_llmtime.forecasting.writer import ForecastWriter
 from lit_llmtime.io import atomic_path
-from lit_llmtime.ledger import Budget, BudgetExhausted
-from lit_llmtime.model import LLMTimeLoRA
-from lit_llmtime.plan import step_flops
+from lit_llmtime.model.checkpoint import read_checkpoint
+from lit_llmtime.training.module import LLMTimeLoRA
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 CHECKPOINT_ROOT = Path("checkpoints")
@@ -64,7 +65,7 @@ def best_checkpoint(name: str, dirpath: str | None = None) -> Path:
     """The best checkpoint of the newest run of ``name`` by its ``checkpoint.monitor`` (e.g.
     ``val/forecast/mase``): what ``--ckpt_path best`` means. Its last.ckpt names it."""
     last = newest_checkpoint(name, dirpath)
-    states = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+    states = read_checkpoint(last).get("callbacks", {})
     best = [state["best_model_path"] for key, state in states.items() if key.startswith("ModelCheckpoint")]
     if not best or not best[0] or not Path(best[0]).is_file():
         raise FileNotFoundError(
@@ -195,7 +196,7 @@ def reconcile_with_checkpoint(config: Namespace, user: Namespace, typed: set[str
     each: a weight-defining setting typed on this command line with another value is refused (one
     from a config file gives way, as when the fit overrode it); where the base model lives, its
     dtype, dropout and the optimiser settings are the user's."""
-    trained = torch.load(config.ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    trained = read_checkpoint(config.ckpt_path).get("hyper_parameters", {})
     mine = _flat(user.as_dict())
     for key, value in _flat(trained).items():
         if key.startswith(("encoding.", "_")) or key not in mine or mine[key] == value:
@@ -215,9 +216,7 @@ def reconcile_with_checkpoint(config: Namespace, user: Namespace, typed: set[str
 def adopt_checkpoint(config: Namespace) -> None:
     """Evaluate a checkpoint on text written as it was trained on: the checkpoint's encoding
     replaces the config's."""
-    if not Path(config.ckpt_path).is_file():
-        raise FileNotFoundError(f"{config.ckpt_path}: checkpoint not found")
-    trained = torch.load(config.ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    trained = read_checkpoint(config.ckpt_path).get("hyper_parameters", {})
     encoding = trained.get("encoding")
     if not encoding:
         return
@@ -259,16 +258,8 @@ def check_readable_checkpoint(path: str) -> None:
     """FileNotFoundError or ValueError naming a local ``path`` that is missing or not a checkpoint
     torch can read (a truncated file, a data file), before LightningCLI reads its hyperparameters
     with a bare traceback. Lightning's own names (``hpc``, ``registry``) and URLs are left to it."""
-    if path in ("hpc", "registry") or "://" in path:
-        return
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{path}: not a readable checkpoint, truncated or not a checkpoint ({error})") from error
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: not a checkpoint (it holds a {type(checkpoint).__name__})")
+    if path not in ("hpc", "registry") and "://" not in path:
+        read_checkpoint(path)
 
 
 @contextmanager

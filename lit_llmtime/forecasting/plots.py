@@ -11,8 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from lit_llmtime.data.series import default_variables  # noqa: E402
 from lit_llmtime.io import atomic_path  # noqa: E402
-from lit_llmtime.series import default_variables  # noqa: E402
 
 COLORS = {"truth": "black", "forecast": "tab:blue", "persistence": "tab:gray", "lotka_volterra": "tab:green"}
 

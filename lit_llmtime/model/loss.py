@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_llmtime.data import IGNORE_INDEX
+from lit_llmtime.data.windows import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 CHUNK = 128  # positions per chunk: 128 x 151,936 float32 logits are 78 MB

@@ -14,14 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from lit_llmtime.budget.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, BudgetExhausted
 from lit_llmtime.config import ForecastArgs
-from lit_llmtime.evaluation import markdown_table, summarise, summary_lines
-from lit_llmtime.forecast import GenerationShape
-from lit_llmtime.forecaster import Forecaster, Prediction, future_times, prediction_frame
+from lit_llmtime.data.series import ID_COLUMN, TABLE_SUFFIXES, TIME_COLUMN, SeriesSet, load_series, write_table
+from lit_llmtime.forecasting.evaluation import markdown_table, summarise, summary_lines
+from lit_llmtime.forecasting.forecaster import Forecaster, Prediction, future_times, prediction_frame
+from lit_llmtime.forecasting.references import persistence
 from lit_llmtime.io import write_text_atomic
-from lit_llmtime.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, BudgetExhausted
-from lit_llmtime.references import persistence
-from lit_llmtime.series import ID_COLUMN, TABLE_SUFFIXES, TIME_COLUMN, SeriesSet, load_series, write_table
+from lit_llmtime.model.generate import GenerationShape
 
 
 def split_context(series: SeriesSet, context_steps: int, horizon: int) -> tuple[SeriesSet, list[np.ndarray]]:
@@ -123,7 +123,7 @@ def forecast_file(
 
     Returns what was written and, with ``context_steps``, the metrics summary.
     """
-    from lit_llmtime.plots import plot_forecast, save_figure
+    from lit_llmtime.forecasting.plots import plot_forecast, save_figure
 
     out_path = Path(out)
     if out_path.suffix.lower() not in TABLE_SUFFIXES:

@@ -8,7 +8,7 @@ from scipy.optimize import least_squares
 from scipy.sparse import block_diag
 
 from lit_llmtime.config import REFERENCE_FORECASTERS
-from lit_llmtime.simulate import integrate
+from lit_llmtime.data.simulate import integrate
 
 
 def persistence(prompts: np.ndarray, horizon: int) -> np.ndarray:

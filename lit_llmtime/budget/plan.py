@@ -17,16 +17,14 @@ from typing import Any
 import torch
 
 from lit_llmtime.config import (
-    DEFAULT_MODEL,
-    QWEN2_5_0_5B_CONFIG,
     EncodingArgs,
     ForecastArgs,
     ForecastValidationArgs,
     LoRAArgs,
     as_args,
 )
-from lit_llmtime.flops import Accounting, FlopModel
-from lit_llmtime.llmtime import ALPHABET
+from lit_llmtime.model.base import base_config
+from lit_llmtime.model.flops import Accounting, FlopModel, run_flop_model
 
 
 def _get(namespace: Any, key: str, default: Any = None) -> Any:
@@ -35,32 +33,8 @@ def _get(namespace: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def base_config(model_name_or_path: str, model_config: dict | None) -> Any:
-    """The architecture behind a model argument, without loading weights (offline for Qwen2.5-0.5B)."""
-    if model_config:
-        return dict(model_config)
-    if model_name_or_path == DEFAULT_MODEL:
-        return QWEN2_5_0_5B_CONFIG
-    from lit_llmtime.gguf import gguf_config, is_gguf
-
-    if is_gguf(model_name_or_path):
-        return gguf_config(model_name_or_path)
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_name_or_path)
 
 
-def run_flop_model(architecture: Any, lora: LoRAArgs, output_vocab: str, accounting: Accounting) -> FlopModel:
-    """The FLOP model of a run: its base architecture (a config or dict), LoRA settings, training
-    output rows and accounting. The plan (from a config) and the budget (from a module) both use it."""
-    return FlopModel(
-        architecture,
-        lora_rank=lora.rank,
-        lora_targets=lora.targets,
-        lm_head_bias=lora.train_lm_head_bias,
-        accounting=accounting,
-        train_head_rows=len(ALPHABET) + 1 if output_vocab == "llmtime" else None,  # + end-of-text
-    )
 
 
 def flop_model_of(config: Any, accounting: Accounting | None = None) -> FlopModel:
@@ -195,7 +169,7 @@ _prepared: dict[str, Any] = {}  # a sweep plans many runs on the same data
 def prepared_data(config: Any, stage: str):
     """The run's data module set up for ``stage`` (its file simulated first if the config would):
     one per data configuration and file version, so planning a sweep reads and tokenizes once."""
-    from lit_llmtime.data import LotkaVolterraDataModule
+    from lit_llmtime.data.module import LotkaVolterraDataModule
 
     arguments = config.data.as_dict() if hasattr(config.data, "as_dict") else dict(config.data)
     arguments["encoding"] = as_args(EncodingArgs, arguments["encoding"])
@@ -245,7 +219,7 @@ def validation_forecast_bound(config: Any, accounting: Accounting | None = None)
     device, a distributed sampler's padding included: what the budget charges before it runs."""
     if not as_args(ForecastValidationArgs, config.data.forecast_validation).trajectories:
         return 0.0
-    from lit_llmtime.forecast import batch_grammar, generation_shape, static_generation
+    from lit_llmtime.model.generate import batch_grammar, generation_shape, static_generation
 
     data = prepared_data(config, "validate")
     loaders = data.val_dataloader()
@@ -263,7 +237,7 @@ def plan_predict(config: Any, accounting: Accounting | None = None) -> tuple[int
     """Trajectories a ``predict`` of this configuration forecasts, and the most its generation can
     cost (every step written with the longest numbers: what the budget charges before it runs; a
     static cache, as on CUDA, pads each prompt and is attended whole)."""
-    from lit_llmtime.forecast import batch_grammar, generation_shape, static_generation
+    from lit_llmtime.model.generate import batch_grammar, generation_shape, static_generation
 
     data = prepared_data(config, "predict")
     forecast, flop_model = as_args(ForecastArgs, config.model.forecast), flop_model_of(config, accounting)

@@ -24,7 +24,7 @@ from transformers import (
     Qwen2Tokenizer,
 )
 
-from lit_llmtime.llmtime import ALPHABET
+from lit_llmtime.text.codec import ALPHABET
 
 ARCHITECTURE = "qwen2"
 

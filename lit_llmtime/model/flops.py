@@ -17,6 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from lit_llmtime.config import LoRAArgs
+from lit_llmtime.text.codec import ALPHABET
+
 Accounting = Literal["exact", "coursework"]
 COSTS = {"add": 1, "mul": 1, "div": 1, "exp": 10, "sqrt": 10, "trig": 10}
 
@@ -245,3 +248,18 @@ class FlopModel:
                 total += self.forward(1, keys=cache_tokens or prompt_tokens + step, head_rows=head_rows)
             return total
         return sum(self.forward(prompt_tokens + step, logits=1, head_rows=head_rows) for step in range(new_tokens))
+
+
+def run_flop_model(
+    architecture: Any, lora: LoRAArgs, output_vocab: str = "full", accounting: Accounting = "exact"
+) -> FlopModel:
+    """The FLOP model of a run: its base architecture (a config or dict), LoRA settings, training
+    output rows and accounting. The plan (from a config) and the budget (from a module) both use it."""
+    return FlopModel(
+        architecture,
+        lora_rank=lora.rank,
+        lora_targets=lora.targets,
+        lm_head_bias=lora.train_lm_head_bias,
+        accounting=accounting,
+        train_head_rows=len(ALPHABET) + 1 if output_vocab == "llmtime" else None,  # + end-of-text
+    )

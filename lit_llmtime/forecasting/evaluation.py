@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from lit_llmtime.data.series import COURSEWORK_VARIABLES
+from lit_llmtime.forecasting.metrics import POINT_METRICS, SAMPLE_METRICS, nanmean, score
 from lit_llmtime.io import atomic_path, write_text_atomic
-from lit_llmtime.metrics import POINT_METRICS, SAMPLE_METRICS, nanmean, score
-from lit_llmtime.series import COURSEWORK_VARIABLES
 
 ARRAYS = ("index", "prompt", "truth", "forecast", "lower", "upper", "samples", "valid_share", "alpha")
 
@@ -136,7 +136,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 def write_forecast_outputs(folder: str | Path, predictions: dict[str, Any], logger=None, max_figures: int = 12) -> dict:
     """predictions.npz, metrics.json, metrics.md and figures; figures also to a TensorBoard logger."""
-    from lit_llmtime.plots import plot_errors, plot_forecast, save_figure
+    from lit_llmtime.forecasting.plots import plot_errors, plot_forecast, save_figure
 
     folder = Path(folder)
     save_npz(folder / "predictions.npz", predictions)

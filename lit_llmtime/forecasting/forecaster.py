@@ -5,8 +5,6 @@ series, with a trained adapter (``from_checkpoint``) or a base model alone (``fr
 
 from __future__ import annotations
 
-import inspect
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,9 +16,20 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lit_llmtime.config import DEFAULT_MODEL, EncodingArgs, ForecastArgs, LoRAArgs, as_args
-from lit_llmtime.data import left_padded
-from lit_llmtime.flops import FlopModel
-from lit_llmtime.forecast import (
+from lit_llmtime.data.prompts import prompt_batches
+from lit_llmtime.data.series import (
+    COURSEWORK_VARIABLES,
+    ID_COLUMN,
+    TIME_COLUMN,
+    SeriesSet,
+    from_arrays,
+    series_from_frame,
+)
+from lit_llmtime.forecasting.metrics import QUANTILE_LEVELS
+from lit_llmtime.model.base import build_model
+from lit_llmtime.model.checkpoint import load_adapter, model_settings, read_checkpoint
+from lit_llmtime.model.flops import FlopModel, run_flop_model
+from lit_llmtime.model.generate import (
     Forecasts,
     Generation,
     GenerationShape,
@@ -29,11 +38,11 @@ from lit_llmtime.forecast import (
     decode_forecasts,
     generate,
     generation_shape,
+    static_generation,
 )
-from lit_llmtime.grammar import LLMTimeGrammar
-from lit_llmtime.llmtime import STEP_SEPARATOR, encode, scale_alpha
-from lit_llmtime.metrics import QUANTILE_LEVELS
-from lit_llmtime.series import COURSEWORK_VARIABLES, ID_COLUMN, TIME_COLUMN, SeriesSet, from_arrays, series_from_frame
+from lit_llmtime.text.codec import scale_alpha
+from lit_llmtime.text.grammar import LLMTimeGrammar
+from lit_llmtime.text.tokenizers import OFFLINE_TOKENIZER, load_tokenizer
 
 Progress = Callable[[LLMTimeGrammar, int, float], None]
 
@@ -65,7 +74,7 @@ class ForecastResult:
     def of(cls, batch: dict, future: torch.Tensor, shape: GenerationShape, generation: Generation,
            decoded: Forecasts, references=()) -> ForecastResult:  # fmt: skip
         """The result of generating ``batch``, with the ``references`` that apply to its prompts."""
-        from lit_llmtime.references import reference_applies, reference_forecast  # scipy, only when asked
+        from lit_llmtime.forecasting.references import reference_applies, reference_forecast  # scipy, only when asked
 
         prompts, time_axis = batch["prompt"].cpu().numpy(), batch["time"].cpu().numpy()
         horizon = future.shape[1]
@@ -204,11 +213,39 @@ class Forecaster:
     @classmethod
     def from_module(cls, module, forecast: ForecastArgs | None = None) -> Forecaster:
         """The forecaster of an ``LLMTimeLoRA`` (adapters used as they are, never merged)."""
-        from lit_llmtime.budget import flop_model_for
-
         return cls(
             module.model, module.tokenizer, forecast or module.forecast, module.encoding, module.compiled_generation(),
-            flop_model_for(module), getattr(module, "dataset_alpha", None), getattr(module, "variables", None),
+            module.flop_model(), getattr(module, "dataset_alpha", None), getattr(module, "variables", None),
+        )  # fmt: skip
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: dict[str, Any],
+        forecast: ForecastArgs | dict | None = None,
+        device: str | torch.device = "cpu",
+        adapter: str | Path | None = None,
+        dataset_alpha: float | None = None,
+        variables: tuple[str, ...] | None = None,
+    ) -> Forecaster:
+        """A model built from ``LLMTimeLoRA``'s settings (``model_name_or_path``, ``model_config``,
+        ``init_seed``, ``torch_dtype``, ``tokenizer``, ``output_vocab``, ``lora``, ``encoding``), with
+        the ``adapter`` of a checkpoint loaded onto it."""
+        lora = as_args(LoRAArgs, settings.get("lora") or LoRAArgs())
+        tokenizer = settings.get("tokenizer") or OFFLINE_TOKENIZER
+        network = build_model(
+            settings.get("model_name_or_path") or DEFAULT_MODEL, settings.get("model_config"),
+            settings.get("init_seed", 0), settings.get("torch_dtype", "float32"), tokenizer, lora,
+        )  # fmt: skip
+        if adapter is not None:
+            load_adapter(network, adapter)
+        network = network.to(device).eval()
+        forecast = as_args(ForecastArgs, forecast or ForecastArgs())
+        return cls(
+            network, load_tokenizer(tokenizer), forecast,
+            as_args(EncodingArgs, settings.get("encoding") or EncodingArgs()),
+            static_generation(forecast.compile, torch.device(device).type == "cuda"),
+            run_flop_model(network.config, lora, settings.get("output_vocab", "full")), dataset_alpha, variables,
         )  # fmt: skip
 
     @classmethod
@@ -221,7 +258,13 @@ class Forecaster:
     ) -> Forecaster:
         """A trained adapter on its base model: the checkpoint's settings (encoding, LoRA, base model;
         ``model_name_or_path`` where the base model is now), ``forecast`` for the generation."""
-        return cls.from_module(checkpoint_module(path, model_name_or_path, forecast).to(device).eval())
+        settings = model_settings(path)
+        if model_name_or_path is not None:
+            settings["model_name_or_path"] = model_name_or_path
+        checkpoint = read_checkpoint(path)
+        return cls.from_settings(
+            settings, forecast, device, path, checkpoint.get("dataset_alpha"), checkpoint.get("variables")
+        )
 
     @classmethod
     def from_model(
@@ -234,9 +277,11 @@ class Forecaster:
         device: str | torch.device = "cpu",
         **model_args: Any,
     ) -> Forecaster:
-        """A base model with no adapter (the untrained baseline); ``model_args`` as ``LLMTimeLoRA``'s."""
-        module = base_module(model_name_or_path, model_config, tokenizer, encoding, forecast, **model_args)
-        return cls.from_module(module.to(device).eval())
+        """A base model with no adapter (the untrained baseline); ``model_args`` as ``LLMTimeLoRA``'s
+        (``init_seed``, ``torch_dtype``, ``output_vocab``)."""
+        settings = {"model_name_or_path": model_name_or_path, "model_config": model_config, "tokenizer": tokenizer,
+                    "encoding": encoding, "lora": LoRAArgs(targets=[])} | model_args  # fmt: skip
+        return cls.from_settings(settings, forecast, device)
 
     # -- batches of the data module (predict, validation) --------------------------------------
     def horizon(self, batch: dict) -> int:
@@ -366,60 +411,10 @@ class Forecaster:
         return prediction_frame(series, prediction, id_column, timestamp_column)
 
 
-def checkpoint_module(path: str | Path, model_name_or_path: str | None = None, forecast=None):
-    """The ``LLMTimeLoRA`` of a checkpoint (its adapter loaded; the base model from
-    ``model_name_or_path`` when given), with the training split's scale and variable names."""
-    from lit_llmtime.model import LLMTimeLoRA
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        hparams = dict(checkpoint["hyper_parameters"])
-    except (pickle.UnpicklingError, RuntimeError, EOFError, IndexError, KeyError, TypeError, ValueError) as error:
-        # torch.load of a CSV, an array, a text file: each fails its own way
-        raise ValueError(f"{path}: not a lit-llmtime checkpoint ({type(error).__name__}: {error})") from error
-    unknown = sorted(set(hparams) - (set(inspect.signature(LLMTimeLoRA).parameters) - {"forecast"}))
-    if unknown:
-        raise ValueError(f"{path}: not a lit-llmtime checkpoint (hyperparameters {unknown} are not LLMTimeLoRA's)")
-    if model_name_or_path is not None:
-        hparams["model_name_or_path"] = model_name_or_path
-    module = LLMTimeLoRA(**hparams, forecast=as_args(ForecastArgs, forecast or ForecastArgs()))
-    module.on_load_checkpoint(checkpoint)
-    module.load_state_dict(checkpoint["state_dict"], strict=False)
-    module.dataset_alpha, module.variables = checkpoint.get("dataset_alpha"), checkpoint.get("variables")
-    return module
 
 
-def base_module(model_name_or_path: str, model_config=None, tokenizer=None, encoding=None, forecast=None, **model_args):
-    """An ``LLMTimeLoRA`` without adapters (LoRA on no layer): the base model itself."""
-    from lit_llmtime.data import OFFLINE_TOKENIZER
-    from lit_llmtime.model import LLMTimeLoRA
-
-    return LLMTimeLoRA(
-        model_name_or_path, model_config, tokenizer=tokenizer or OFFLINE_TOKENIZER, lora=LoRAArgs(targets=[]),
-        encoding=as_args(EncodingArgs, encoding or EncodingArgs()),
-        forecast=as_args(ForecastArgs, forecast or ForecastArgs()), **model_args,
-    )  # fmt: skip
 
 
-def prompt_batches(tokenizer, series: SeriesSet, alphas: np.ndarray, decimals: int, batch_size: int, device):
-    """Batches of ``batch_size`` series as LLMTIME prompts (ending in ``;``): left-padded token ids
-    and, left-padded with NaN alike, the (B, longest, D) values, with their scales."""
-    texts = [encode(v, alpha=a, decimals=decimals, name=f"series {i}")[0] + STEP_SEPARATOR
-             for i, v, a in zip(series.ids, series.values, alphas, strict=True)]  # fmt: skip
-    token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    for start in range(0, len(texts), batch_size):
-        rows = list(range(start, min(start + batch_size, len(texts))))
-        input_ids, attention_mask = left_padded([token_ids[r] for r in rows], tokenizer.pad_token_id)
-        longest = max(len(series.values[r]) for r in rows)
-        prompt = np.full((len(rows), longest, len(series.variables)), np.nan)
-        for row, r in enumerate(rows):
-            prompt[row, longest - len(series.values[r]) :] = series.values[r]
-        yield {
-            "input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-            "prompt": torch.from_numpy(prompt), "alpha": torch.from_numpy(alphas[rows].copy()),
-        }  # fmt: skip
 
 
 def prediction_frame(series: SeriesSet, prediction: Prediction, id_column: str = ID_COLUMN,

@@ -15,11 +15,11 @@ from typing import Any
 
 import yaml
 
+from lit_llmtime.app.run import newest_checkpoint, resolve_run, run_identity
+from lit_llmtime.budget.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, Ledger
+from lit_llmtime.budget.plan import plan_fit
+from lit_llmtime.budget.signals import Interrupted
 from lit_llmtime.io import write_text_atomic
-from lit_llmtime.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, Ledger
-from lit_llmtime.plan import plan_fit
-from lit_llmtime.run import newest_checkpoint, resolve_run, run_identity
-from lit_llmtime.signals import Interrupted
 
 FINISHED = ("finished", "stopped: budget")
 REUSABLE = ("done", "done before", "would run")  # a later run with the same configuration reuses these
@@ -173,7 +173,7 @@ def run_sweep(path: str | Path, dry_run: bool = False) -> list[Run]:
                 + (f", resuming {resume}" if resume else ""),
                 flush=True,
             )
-            returncode = run_child([sys.executable, "-m", "lit_llmtime.cli", *_arguments(spec, run, resume)])
+            returncode = run_child([sys.executable, "-m", "lit_llmtime.app.cli", *_arguments(spec, run, resume)])
             run.record = _finished_record(ledger, run.name)
             if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # the run saved its last step
                 run.status = f"stopped by {signal.Signals(returncode - 128).name}"

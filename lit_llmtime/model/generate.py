@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, StaticCache
 
 from lit_llmtime.config import ForecastArgs
-from lit_llmtime.flops import FlopModel
-from lit_llmtime.grammar import LLMTimeGrammar
-from lit_llmtime.llmtime import decode
+from lit_llmtime.model.flops import FlopModel
+from lit_llmtime.text.codec import decode
+from lit_llmtime.text.grammar import LLMTimeGrammar
 
 PROMPT_PAD, CACHE_PAD = 64, 256  # static cache (compiled generation): prompt and capacity multiples
 

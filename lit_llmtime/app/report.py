@@ -8,8 +8,8 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lit_llmtime.budget.ledger import DEFAULT_BUDGET, Ledger
 from lit_llmtime.io import write_text_atomic
-from lit_llmtime.ledger import DEFAULT_BUDGET, Ledger
 
 
 def read_scalars(log_dir: str | Path, tag: str) -> tuple[list[int], list[float]]:
@@ -24,7 +24,7 @@ def read_scalars(log_dir: str | Path, tag: str) -> tuple[list[int], list[float]]
 
 def plot_loss_curves(log_dir: str | Path, folder: Path) -> list[Path]:
     """Figure 3 (whole run) and figure 4 (second half) of training loss, validation loss dashed."""
-    from lit_llmtime.plots import plt, save_figure
+    from lit_llmtime.forecasting.plots import plt, save_figure
 
     steps, train = read_scalars(log_dir, "train/loss")
     val_steps, val = read_scalars(log_dir, "val/loss")

@@ -8,53 +8,23 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config
+from transformers import PreTrainedTokenizerBase
 
 from lit_llmtime.config import DEFAULT_MODEL, EncodingArgs, ForecastArgs, LoRAArgs, OptimArgs, as_args
-from lit_llmtime.data import IGNORE_INDEX, OFFLINE_TOKENIZER, load_tokenizer
-from lit_llmtime.forecast import GenerationShape, StepProgress, static_generation
-from lit_llmtime.forecaster import Forecaster, ForecastResult
-from lit_llmtime.gguf import check_tokenizer_agrees, is_gguf, load_gguf_model
-from lit_llmtime.grammar import EOS, single_token_ids
-from lit_llmtime.llmtime import ALPHABET
-from lit_llmtime.lora import apply_lora, count_trainable, trainable_state_dict
-from lit_llmtime.loss import evaluation_losses, training_loss
-from lit_llmtime.metrics import score
-
-
-def build_base_model(
-    model_name_or_path: str,
-    model_config: dict[str, Any] | None,
-    dtype: torch.dtype,
-    init_seed: int = 0,
-    tokenizer: str | None = None,
-) -> PreTrainedModel:
-    """Pretrained weights (Hub id, folder or ``.gguf`` file), or a randomly initialised Qwen2 from
-    ``model_config``.
-
-    Random weights come from ``init_seed``, so a checkpoint holding only the adapter reloads onto
-    the very same base model. A GGUF file's own tokenizer must agree with ``tokenizer`` on the
-    LLMTIME alphabet.
-    """
-    if model_config is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            return AutoModelForCausalLM.from_config(Qwen2Config(**model_config), dtype=dtype)
-    if is_gguf(model_name_or_path):
-        if tokenizer is not None:
-            check_tokenizer_agrees(model_name_or_path, load_tokenizer(tokenizer))
-        return load_gguf_model(model_name_or_path, dtype)
-    return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype)
-
-
-def llmtime_head_rows(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    """Output rows of the LLMTIME characters and end-of-text: all a forecast (or its loss) needs."""
-    return torch.tensor(single_token_ids(tokenizer, [*ALPHABET, EOS]))
+from lit_llmtime.data.windows import IGNORE_INDEX
+from lit_llmtime.forecasting.forecaster import Forecaster, ForecastResult
+from lit_llmtime.forecasting.skill import ForecastSkill
+from lit_llmtime.model.base import build_model, llmtime_head_rows
+from lit_llmtime.model.checkpoint import check_adapter
+from lit_llmtime.model.flops import Accounting, FlopModel, run_flop_model
+from lit_llmtime.model.generate import GenerationShape, StepProgress, static_generation
+from lit_llmtime.model.lora import count_trainable, trainable_state_dict
+from lit_llmtime.model.loss import evaluation_losses, training_loss
+from lit_llmtime.text.tokenizers import OFFLINE_TOKENIZER, load_tokenizer
 
 
 def optimizer_and_schedule(params: list[nn.Parameter], optim: OptimArgs, total_steps: int) -> dict[str, Any]:
@@ -77,14 +47,6 @@ def optimizer_and_schedule(params: list[nn.Parameter], optim: OptimArgs, total_s
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def first_forecast_figure(result: ForecastResult, step: int):
-    """The figure of a batch's first forecast (validation's, in TensorBoard)."""
-    from lit_llmtime.plots import plot_forecast
-
-    return plot_forecast(
-        result.time, result.prompt[0], result.truth[0], result.forecast[0], result.lower[0], result.upper[0],
-        title=f"validation sample {result.index[0]}, step {step}", variables=result.variables,
-    )  # fmt: skip
 
 
 class LLMTimeLoRA(L.LightningModule):
@@ -131,11 +93,7 @@ class LLMTimeLoRA(L.LightningModule):
             "model_name_or_path": model_name_or_path, "model_config": model_config, "init_seed": init_seed,
             "torch_dtype": torch_dtype, "tokenizer": tokenizer, "output_vocab": output_vocab, **plain,
         })  # fmt: skip
-        dtype = getattr(torch, torch_dtype)
-        self.model = build_base_model(model_name_or_path, model_config, dtype, init_seed, tokenizer)
-        lora = self.lora
-        apply_lora(self.model, lora.targets, lora.rank, lora.alpha, lora.dropout, lora.train_lm_head_bias)
-        self.model.train()  # from_pretrained leaves the base in eval mode (Lightning warns); Qwen2 has no dropout
+        self.model = build_model(model_name_or_path, model_config, init_seed, torch_dtype, tokenizer, self.lora)
         self.val_loss, self.val_loss_llmtime, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_forecast = ForecastSkill()
         self.strict_loading = False  # checkpoints hold only the trainable tensors
@@ -147,6 +105,15 @@ class LLMTimeLoRA(L.LightningModule):
     @property
     def trainable_parameters(self) -> int:
         return count_trainable(self)
+
+    def flop_model(self, accounting: Accounting = "exact") -> FlopModel:
+        """What this model's steps, batches and generations cost (the FLOP budget charges by it)."""
+        return run_flop_model(self.model.config, self.lora, self.hparams.output_vocab, accounting)
+
+    def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:
+        """FLOPs of one training step on ``batch`` (forward and backward), as Lightning's
+        ``ThroughputMonitor`` and nanoGPT's ``estimate_mfu`` take them."""
+        return self.flop_model().train_step(*batch["input_ids"].shape)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, tokens, vocab)."""
@@ -272,69 +239,6 @@ class LLMTimeLoRA(L.LightningModule):
             checkpoint["variables"] = list(data.variables)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = sorted(set(trainable_state_dict(self)) - set(checkpoint["state_dict"]))
-        if missing:
-            raise ValueError(
-                f"checkpoint lacks {len(missing)} adapter tensors this model needs (e.g. {missing[0]}); "
-                "was it trained with other LoRA targets?"
-            )
+        check_adapter(set(trainable_state_dict(self)), checkpoint["state_dict"])
 
 
-class ForecastSkill(nn.Module):
-    """Mean forecast scores over validation trajectories, synchronised across devices: MAE, MSE,
-    R² and MASE per variable (``mae_prey``), MASE over all variables (a checkpoint can be chosen by
-    it), the share of steps that parsed, and with sampling CRPS and the weighted quantile loss.
-    The per-variable means are made at the first update, when the variables' names are known
-    (every rank forecasts the same variables, so they synchronise alike)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.means = nn.ModuleDict({key: MeanMetric(nan_strategy="ignore") for key in ("mase", "valid_share")})
-        self.figure: ForecastResult | None = None
-
-    @property
-    def update_count(self) -> int:
-        return self.means["mase"].update_count
-
-    def _mean(self, key: str) -> MeanMetric:
-        slot = key.replace(".", "·")  # a module name cannot hold "." (a column "pm2.5")
-        if slot not in self.means:
-            self.means[slot] = MeanMetric(nan_strategy="ignore").to(self.means["mase"].device)
-        return self.means[slot]
-
-    def update(self, result: ForecastResult) -> None:
-        self.figure = self.figure or result  # the pass's first forecasts, drawn in TensorBoard
-        for row in range(len(result.index)):
-            scores = score(
-                result.truth[row], result.forecast[row], result.prompt[row], result.samples[row], result.variables
-            )
-            for variable, values in scores.items():
-                for name, value in values.items():
-                    self._mean(f"{name}_{variable}").update(value)
-            self.means["mase"].update(float(np.mean([values["mase"] for values in scores.values()])))
-            self.means["valid_share"].update(float(result.valid_share[row]))
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        return {key.replace("·", "."): metric.compute() for key, metric in self.means.items()}
-
-    def log_to(self, module: L.LightningModule) -> None:
-        """Log the means as ``val/forecast/*`` and the pass's first forecast as the figure
-        ``val/forecast``, and reset; in the sanity check (which Lightning does not log), straight to
-        the logger at step 0: the skill of the weights before training."""
-        skill = {f"val/forecast/{name}": value for name, value in self.compute().items()}
-        result = self.figure
-        self.reset()
-        trainer, logger = module.trainer, module.logger
-        if not trainer.sanity_checking:
-            for name, value in skill.items():
-                module.log(name, value, sync_dist=False)
-        elif logger is not None and trainer.is_global_zero:
-            logger.log_metrics({name: float(value) for name, value in skill.items()}, step=0)
-        experiment = getattr(logger, "experiment", None)
-        if result is not None and trainer.is_global_zero and hasattr(experiment, "add_figure"):
-            experiment.add_figure("val/forecast", first_forecast_figure(result, module.global_step), module.global_step)
-
-    def reset(self) -> None:
-        self.figure = None
-        for metric in self.means.values():
-            metric.reset()

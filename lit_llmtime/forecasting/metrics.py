@@ -11,7 +11,7 @@ import torch
 from torchmetrics.functional import mean_absolute_error, mean_squared_error, r2_score
 from torchmetrics.functional.regression import continuous_ranked_probability_score
 
-from lit_llmtime.series import default_variables
+from lit_llmtime.data.series import default_variables
 
 POINT_METRICS = ("mse", "mae", "r2", "mase")
 SAMPLE_METRICS = ("crps", "wql")

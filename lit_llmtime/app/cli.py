@@ -10,14 +10,15 @@ import numpy as np
 from jsonargparse import auto_cli
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_llmtime.data import DEFAULT_DATA_PATH, OFFLINE_TOKENIZER
-from lit_llmtime.flops import Accounting
-from lit_llmtime.forecast_file import forecast_file
-from lit_llmtime.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, BudgetExhausted, Ledger, LedgerError
-from lit_llmtime.plan import flop_model_of, plan_evaluate, plan_fit, plan_predict, step_flops, world_size
-from lit_llmtime.run import LIGHTNING_SUBCOMMANDS, lightning_cli, resolve_run
-from lit_llmtime.series import DataFileError
-from lit_llmtime.signals import Interrupted
+from lit_llmtime.app.forecast_command import forecast_file
+from lit_llmtime.app.run import LIGHTNING_SUBCOMMANDS, lightning_cli, resolve_run
+from lit_llmtime.budget.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, BudgetExhausted, Ledger, LedgerError
+from lit_llmtime.budget.plan import flop_model_of, plan_evaluate, plan_fit, plan_predict, step_flops, world_size
+from lit_llmtime.budget.signals import Interrupted
+from lit_llmtime.data.module import DEFAULT_DATA_PATH
+from lit_llmtime.data.series import DataFileError
+from lit_llmtime.model.flops import Accounting
+from lit_llmtime.text.tokenizers import OFFLINE_TOKENIZER
 
 
 def simulate(out: str = DEFAULT_DATA_PATH, n: int = 1000, steps: int = 100, seed: int = 0, species: int = 2) -> None:
@@ -31,8 +32,8 @@ def simulate(out: str = DEFAULT_DATA_PATH, n: int = 1000, steps: int = 100, seed
         seed: random seed of parameters and initial conditions.
         species: 2 (prey, predator), 1 (the prey alone) or 3 (a second predator competing for the prey).
     """
-    from lit_llmtime.simulate import SPECIES_NAMES, write_simulation
-    from lit_llmtime.simulate import simulate as run_simulation
+    from lit_llmtime.data.simulate import SPECIES_NAMES, write_simulation
+    from lit_llmtime.data.simulate import simulate as run_simulation
 
     trajectories, time = run_simulation(n=n, steps=steps, seed=seed, species=species)
     write_simulation(out, trajectories, time)
@@ -58,9 +59,10 @@ def encode(
         decimals: decimals kept by the codec.
         steps: show only the first this many time steps (alpha is still the whole sample's).
     """
-    from lit_llmtime.data import load_tokenizer, load_trajectories
-    from lit_llmtime.llmtime import check_trajectory, scale_alpha
-    from lit_llmtime.llmtime import encode as encode_text
+    from lit_llmtime.data.module import load_trajectories
+    from lit_llmtime.text.codec import check_trajectory, scale_alpha
+    from lit_llmtime.text.codec import encode as encode_text
+    from lit_llmtime.text.tokenizers import load_tokenizer
 
     trajectories, _ = load_trajectories(data)
     if not 0 <= index < len(trajectories):
@@ -82,10 +84,10 @@ def encode_check(index: int = 972, data: str = DEFAULT_DATA_PATH, decimals: int 
         decimals: decimals kept by the codec.
         out: PNG to write (default reports/encode_check_<index>.png).
     """
-    from lit_llmtime.data import load_trajectories
-    from lit_llmtime.llmtime import decode
-    from lit_llmtime.llmtime import encode as encode_text
-    from lit_llmtime.plots import plot_encode_check, save_figure
+    from lit_llmtime.data.module import load_trajectories
+    from lit_llmtime.forecasting.plots import plot_encode_check, save_figure
+    from lit_llmtime.text.codec import decode
+    from lit_llmtime.text.codec import encode as encode_text
 
     trajectories, time = load_trajectories(data)
     if not 0 <= index < len(trajectories):
@@ -164,7 +166,7 @@ def sweep(run_config: str, dry_run: bool = False) -> None:
         run_config: the sweep YAML (``--config`` is accepted too).
         dry_run: only say what would run and what the budget skips.
     """
-    from lit_llmtime.sweep import run_sweep
+    from lit_llmtime.app.sweep import run_sweep
 
     runs = run_sweep(run_config, dry_run=dry_run)
     failed = [r.name for r in runs if r.status.startswith("failed")]
@@ -191,7 +193,7 @@ def report(
         final_run: TensorBoard log folder of the final run (lightning_logs/<name>/version_N).
         forecast: forecast folder written by predict (<log dir>/forecast).
     """
-    from lit_llmtime.report import build_report
+    from lit_llmtime.app.report import build_report
 
     print(f"wrote {build_report(ledger, out, budget, sweeps, final_run, forecast)}")
 

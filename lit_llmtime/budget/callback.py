@@ -4,29 +4,25 @@ the parts in budget.py), and the writer of forecasts, metrics and figures."""
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_llmtime.budget import (
+from lit_llmtime.budget.gates import (
     EvaluationGate,
     PredictGate,
     RunRecord,
     SharedBudget,
     evaluation_bound,
-    flop_model_for,
     refuse_deferred_stops,
     remove_empty_log_dir,
     save_last,
 )
-from lit_llmtime.evaluation import load_npz, merge_predictions, save_npz, summary_lines, write_forecast_outputs
-from lit_llmtime.flops import Accounting
-from lit_llmtime.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, BudgetExhausted
-from lit_llmtime.signals import Interrupted, StopSignals, first_signal
+from lit_llmtime.budget.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, BudgetExhausted
+from lit_llmtime.budget.signals import Interrupted, StopSignals, first_signal
+from lit_llmtime.model.flops import Accounting
 
 
 class FlopBudget(L.Callback):
@@ -78,7 +74,7 @@ class FlopBudget(L.Callback):
         stage = getattr(stage, "value", stage)  # Lightning passes a str enum
         if stage == "fit":  # before the run exists: refused, nothing is charged or recorded
             refuse_deferred_stops(trainer)
-        self.flop_model = flop_model_for(pl_module, self.accounting)
+        self.flop_model = pl_module.flop_model(self.accounting)
         self.shared = SharedBudget.of(self.authority, trainer)
         self.record.start(trainer, stage)
         self.evaluation = EvaluationGate(self.shared, self.record, self.flop_model)
@@ -230,43 +226,3 @@ class FlopBudget(L.Callback):
             pl_module.log(name, value, sync_dist=False, rank_zero_only=True)
 
 
-class ForecastWriter(BasePredictionWriter):
-    """Writes ``predict``'s forecasts under the run's log folder: ``predictions.npz``,
-    ``metrics.json``, ``metrics.md`` (like the report's tables 4 and 5) and PNG figures (like
-    figures 2 and 5), which also go to TensorBoard. Under several devices each rank writes its
-    part and rank 0 merges them once.
-
-    Args:
-        output_dir: folder for the files (default: ``<log dir>/forecast``).
-        max_figures: figures are drawn for at most this many trajectories.
-    """
-
-    def __init__(self, output_dir: str | None = None, max_figures: int = 12) -> None:
-        super().__init__(write_interval="epoch")
-        self.output_dir = output_dir
-        self.max_figures = max_figures
-
-    def _folder(self, trainer: L.Trainer) -> Path:
-        if self.output_dir:
-            return Path(self.output_dir)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "forecast"
-
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        folder = self._folder(trainer)
-        if trainer.world_size > 1:
-            if predictions:  # a rank may have had nothing to forecast
-                merged = merge_predictions([result.predictions() for result in predictions])
-                save_npz(folder / f"rank{trainer.global_rank}.npz", merged)
-            trainer.strategy.barrier()
-            if not trainer.is_global_zero:
-                return
-            files = [folder / f"rank{r}.npz" for r in range(trainer.world_size)]
-            predictions = [load_npz(path) for path in files if path.is_file()]
-            for path in files:
-                path.unlink(missing_ok=True)
-        if not predictions:
-            return
-        part = merge_predictions([p if isinstance(p, dict) else p.predictions() for p in predictions])
-        summary = write_forecast_outputs(folder, part, trainer.logger, self.max_figures)
-        figures = sorted(folder.glob("forecast_*.png"))
-        print(summary_lines(summary, folder / "metrics.md", figures), flush=True)
