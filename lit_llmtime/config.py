@@ -4,10 +4,19 @@
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 REFERENCE_FORECASTERS = ("persistence", "lotka_volterra")
+_said: set[str] = set()
+
+
+def deprecated(old: str, new: str) -> None:
+    """Say once per process, in one line on stderr, that ``old`` is now ``new`` (``old`` still works)."""
+    if old not in _said:
+        _said.add(old)
+        print(f"lit-llmtime: {old} is deprecated, use {new} (the old name still works for now)", file=sys.stderr)
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 
 # Qwen2.5-0.5B-Instruct's architecture (its config.json), for offline FLOP counts and meta-device checks.
@@ -119,7 +128,7 @@ class ForecastArgs:
     """Forecasting in ``predict``: generation settings and the forecasters compared with the model.
 
     Args:
-        forecast_steps: time steps generated after each prompt.
+        horizon: time steps generated after each prompt.
         num_samples: forecasts per trajectory; 1 is greedy, more are sampled and summarised by
             their median and a 5-95% band.
         temperature: sampling temperature (``num_samples > 1``).
@@ -131,9 +140,10 @@ class ForecastArgs:
             same steps (``persistence``, ``lotka_volterra``).
         compile: ``auto`` (on CUDA), ``on`` or ``off``: a preallocated KV cache and a per-token step
             compiled with ``torch.compile`` (CUDA graphs), instead of a growing cache run eagerly.
+        forecast_steps: deprecated name of ``horizon``.
     """
 
-    forecast_steps: int = 50
+    horizon: int = 50
     num_samples: int = 1
     temperature: float = 1.0
     top_p: float = 0.9
@@ -141,12 +151,15 @@ class ForecastArgs:
     max_integer_digits: int = 3
     reference_forecasters: list[str] = field(default_factory=lambda: list(REFERENCE_FORECASTERS))
     compile: Literal["auto", "on", "off"] = "auto"
+    forecast_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if self.forecast_steps < 1 or self.num_samples < 1:
+        if self.forecast_steps is not None:
+            deprecated("forecast.forecast_steps", "forecast.horizon")
+            self.horizon, self.forecast_steps = self.forecast_steps, None
+        if self.horizon < 1 or self.num_samples < 1:
             raise ValueError(
-                f"forecast.forecast_steps and forecast.num_samples must be >= 1, "
-                f"got {self.forecast_steps} and {self.num_samples}"
+                f"forecast.horizon and forecast.num_samples must be >= 1, got {self.horizon} and {self.num_samples}"
             )
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ValueError(

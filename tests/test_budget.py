@@ -14,7 +14,7 @@ from lit_llmtime.budget.callback import FlopBudget
 from lit_llmtime.budget.gates import SharedBudget
 from lit_llmtime.budget.ledger import Budget, Ledger, LedgerError
 from lit_llmtime.config import ForecastValidationArgs, LoRAArgs, OptimArgs
-from lit_llmtime.data.module import LotkaVolterraDataModule
+from lit_llmtime.data.module import SeriesDataModule
 from lit_llmtime.text.tokenizers import CHARACTER_TOKENIZER
 from lit_llmtime.training.module import LLMTimeLoRA
 
@@ -23,7 +23,7 @@ def make(data_path):
     """The conftest's tiny model (16-token character vocabulary) with rank-2 adapters, and its data."""
     model = LLMTimeLoRA(model_config=TINY, tokenizer=CHARACTER_TOKENIZER, lora=LoRAArgs(rank=2),
                         optim=OptimArgs(learning_rate=1e-3))  # fmt: skip
-    data = LotkaVolterraDataModule(
+    data = SeriesDataModule(
         data_path=str(data_path), tokenizer=CHARACTER_TOKENIZER, context_length=CONTEXT, batch_size=BATCH,
         val_size=4, test_size=4, forecast_validation=ForecastValidationArgs(trajectories=0),
     )  # fmt: skip

@@ -163,7 +163,7 @@ def test_validate_refuses_and_predict_shrinks_when_the_ledger_is_full(run, capsy
     # predict 5 trajectories in batches of 2 (3 batches); the budget pays for 2 at their longest
     bound = 2 * FlopModel(TINY, lora_rank=8).generation(prompt_length(run), 3 * 2 * 7, head_rows=14)
     budget = spent + 2.2 * bound  # batches of 2, 2 and 1: the third does not fit
-    main(["predict", *run, "--ckpt_path=last", "--model.forecast.forecast_steps=3", "--data.predict_batch_size=2",
+    main(["predict", *run, "--ckpt_path=last", "--model.forecast.horizon=3", "--data.predict_batch_size=2",
           "--model.forecast.reference_forecasters=[persistence]", f"--flop_budget.budget={budget}"])  # fmt: skip
     assert "Forecasts of 4 trajectories" in capsys.readouterr().out  # 2 batches of 2
     (written,) = Path("lightning_logs").rglob("predictions.npz")
@@ -175,10 +175,10 @@ def test_validate_refuses_and_predict_shrinks_when_the_ledger_is_full(run, capsy
 
 def prompt_length(run) -> int:
     """The longest prompt (tokens) of the run's predict set."""
-    from lit_llmtime.data.module import LotkaVolterraDataModule
+    from lit_llmtime.data.module import SeriesDataModule
 
     config = yaml.safe_load(Path(run[1]).read_text())["data"]
-    data = LotkaVolterraDataModule(**config)
+    data = SeriesDataModule(**config)
     data.setup("predict")
     return max(len(ids) for ids in data.datasets["predict"].token_ids)
 

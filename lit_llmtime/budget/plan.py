@@ -169,13 +169,13 @@ _prepared: dict[str, Any] = {}  # a sweep plans many runs on the same data
 def prepared_data(config: Any, stage: str):
     """The run's data module set up for ``stage`` (its file simulated first if the config would):
     one per data configuration and file version, so planning a sweep reads and tokenizes once."""
-    from lit_llmtime.data.module import LotkaVolterraDataModule
+    from lit_llmtime.data.module import SeriesDataModule
 
     arguments = config.data.as_dict() if hasattr(config.data, "as_dict") else dict(config.data)
     arguments["encoding"] = as_args(EncodingArgs, arguments["encoding"])
     if "forecast_validation" in arguments:
         arguments["forecast_validation"] = as_args(ForecastValidationArgs, arguments["forecast_validation"])
-    data = LotkaVolterraDataModule(**arguments)
+    data = SeriesDataModule(**arguments)
     data.prepare_data()
     path = Path(arguments["data_path"])
     key = repr((sorted(arguments.items()), path.resolve(), path.stat().st_mtime_ns if path.is_file() else None))

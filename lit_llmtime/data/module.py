@@ -20,8 +20,6 @@ from lit_llmtime.data.windows import TokenWindows, chunk_windows, pack
 from lit_llmtime.text.codec import STEP_SEPARATOR, global_alpha
 from lit_llmtime.text.tokenizers import DEFAULT_TOKENIZER, load_tokenizer
 
-DEFAULT_DATA_PATH = "data/lotka_volterra_data.h5"
-
 
 def load_trajectories(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(N, T, D) values and the (T,) time axis of a data file whose series all have one length
@@ -72,18 +70,16 @@ def split_indices(n: int, val_size: int = 200, test_size: int = 100, seed: int =
 
 def predict_indices(requested: list[int] | None, test: np.ndarray, n: int, source: str) -> list[int]:
     """The series ``predict`` forecasts: ``requested`` (checked against the ``n`` series of
-    ``source``), else the report's samples 972 and 990-999 when the test split holds them, else
-    the whole test split."""
-    if requested is not None:
-        bad = [i for i in requested if not 0 <= i < n]
-        if bad:
-            raise ValueError(f"{source}: predict_indices {bad} out of range [0, {n})")
-        return list(requested)
-    report = [972, *range(990, 1000)]
-    return report if set(report) <= set(test.tolist()) else test.tolist()
+    ``source``), else the whole test split."""
+    if requested is None:
+        return test.tolist()
+    bad = [i for i in requested if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"{source}: predict_indices {bad} out of range [0, {n})")
+    return list(requested)
 
 
-class LotkaVolterraDataModule(L.LightningDataModule):
+class SeriesDataModule(L.LightningDataModule):
     """Series as LLMTIME token windows (fit, validate, test) and prompts (predict): the coursework
     Lotka-Volterra file by default, or any series of any number of variables (``series.load_series``).
 
@@ -103,8 +99,8 @@ class LotkaVolterraDataModule(L.LightningDataModule):
         seed: seed of the train/validation split.
         simulate_if_missing: generate a synthetic data set at ``data_path`` if it is missing.
         simulate_n: trajectories to simulate when generating.
-        predict_indices: trajectories to forecast in ``predict``; default: the report's samples
-            972 and 990-999 when the test split holds them, else the whole test split.
+        predict_indices: series to forecast in ``predict`` (the coursework configs name the
+            report's samples 972 and 990-999); default: the whole test split.
         predict_batch_size: trajectories per generation batch in ``predict`` (default: batch_size).
         packing: train on one stream of all training texts, each ended by end-of-text, so every
             window is full (no padding; a window may span two trajectories). Matters once
@@ -121,7 +117,7 @@ class LotkaVolterraDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        data_path: str = DEFAULT_DATA_PATH,
+        data_path: str,
         tokenizer: str = DEFAULT_TOKENIZER,
         encoding: EncodingArgs = EncodingArgs(),  # noqa: B008 (jsonargparse reads the group from it)
         context_length: int = 512,

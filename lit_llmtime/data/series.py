@@ -60,8 +60,8 @@ class SeriesSet:
 
 
 def default_variables(count: int) -> tuple[str, ...]:
-    """Names for unnamed variables: prey and predator for two (the coursework layout), else x0, x1, ..."""
-    return COURSEWORK_VARIABLES if count == 2 else tuple(f"x{k}" for k in range(count))
+    """Names for unnamed variables: x0, x1, ... (the coursework h5 layout names its two prey and predator)."""
+    return tuple(f"x{k}" for k in range(count))
 
 
 def from_arrays(values, time=None, variables=None, ids=None, source: str = "<memory>") -> SeriesSet:
@@ -156,7 +156,10 @@ def load_h5(path: str | Path) -> SeriesSet:
             f"{path}: trajectory {sample}, step {step}, variable {variable} is {trajectories[sample, step, variable]}: "
             "populations cannot be negative (the LLMTIME grammar and the Lotka-Volterra reference assume >= 0)"
         )
-    variables = None if names is None else [str(n.decode() if isinstance(n, bytes) else n) for n in names]
+    if names is not None:
+        variables = [str(n.decode() if isinstance(n, bytes) else n) for n in names]
+    else:  # the coursework file has no names: its two variables are prey and predator
+        variables = COURSEWORK_VARIABLES if trajectories.shape[2] == 2 else None
     return from_arrays(trajectories, [time] * len(trajectories), variables, source=str(path))
 
 

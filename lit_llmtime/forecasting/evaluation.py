@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from lit_llmtime.data.series import COURSEWORK_VARIABLES
+from lit_llmtime.data.series import default_variables
 from lit_llmtime.forecasting.metrics import POINT_METRICS, SAMPLE_METRICS, nanmean, score
 from lit_llmtime.io import atomic_path, write_text_atomic
 
@@ -30,7 +30,7 @@ def merge_predictions(parts: list[dict[str, Any]]) -> dict[str, Any]:
     result["texts"] = [merged["texts"][i] for i in order]
     result["references"] = {name: values[order] for name, values in merged["references"].items()}
     result["time"] = parts[0]["time"]
-    result["variables"] = tuple(parts[0].get("variables", COURSEWORK_VARIABLES))
+    result["variables"] = tuple(parts[0]["variables"])
     for key in ("flops", "seconds", "tokens"):
         result[key] = float(sum(p[key] for p in parts))
     return result
@@ -43,7 +43,7 @@ def save_npz(path: str | Path, predictions: dict[str, Any]) -> Path:
     arrays.update(
         texts=np.array(predictions["texts"]),
         time=predictions["time"],
-        variables=np.array(predictions.get("variables", COURSEWORK_VARIABLES)),
+        variables=np.array(predictions["variables"]),
         flops=np.float64(predictions["flops"]),
         seconds=np.float64(predictions["seconds"]),
         tokens=np.float64(predictions["tokens"]),
@@ -60,7 +60,8 @@ def load_npz(path: str | Path) -> dict[str, Any]:
         result["references"] = {key[4:]: data[key] for key in data.files if key.startswith("ref_")}
         result["texts"] = data["texts"].tolist()
         result["time"] = data["time"]
-        result["variables"] = tuple(data["variables"].tolist()) if "variables" in data.files else COURSEWORK_VARIABLES
+        named = "variables" in data.files
+        result["variables"] = tuple(data["variables"].tolist()) if named else default_variables(data["truth"].shape[-1])
         for key in ("flops", "seconds", "tokens"):
             result[key] = float(data[key])
     return result
@@ -70,7 +71,7 @@ def summarise(predictions: dict[str, Any]) -> dict[str, Any]:
     """Metrics per trajectory and variable and their means, for the LLM and each reference
     forecaster: MSE, MAE, R² and MASE, and for a sampled LLM forecast also CRPS and the weighted
     quantile loss."""
-    variables = tuple(predictions.get("variables", COURSEWORK_VARIABLES))
+    variables = tuple(predictions["variables"])
 
     def table(forecasts: np.ndarray, samples: np.ndarray | None = None) -> dict[str, Any]:
         rows = zip(predictions["index"], predictions["truth"], forecasts, predictions["prompt"], strict=True)
@@ -101,7 +102,7 @@ LABELS = {"mse": "MSE", "mae": "MAE", "r2": "R²", "mase": "MASE", "crps": "CRPS
 
 def markdown_table(summary: dict[str, Any]) -> str:
     """Per-trajectory and mean metrics (like the report's tables 4 and 5), references included."""
-    variables = summary.get("variables", COURSEWORK_VARIABLES)
+    variables = summary["variables"]
     names = [m for m in (*POINT_METRICS, *SAMPLE_METRICS) if m in summary["model"]["mean"][variables[0]]]
     columns = " | ".join(f"{v} {LABELS[m]}" for v in variables for m in names)
     header = f"| sample | valid steps | {columns} |"
@@ -180,7 +181,7 @@ def summary_lines(
 ) -> str:
     """What predict prints at the end: the mean metrics of every forecaster and where the files are."""
     rows = {"LLM": summary["model"]["mean"]} | {name: ref["mean"] for name, ref in summary["references"].items()}
-    variables = summary.get("variables", COURSEWORK_VARIABLES)
+    variables = summary["variables"]
     short = {"predator": "pred."}  # the coursework's columns as they always were
     headers = [f"{short.get(v, v)} {m}" for v in variables for m in ("MAE", "MASE", "R2")]
     widths = [max(9, len(h)) for h in headers]

@@ -18,7 +18,6 @@ from transformers import PreTrainedTokenizerBase
 from lit_llmtime.config import DEFAULT_MODEL, EncodingArgs, ForecastArgs, LoRAArgs, as_args
 from lit_llmtime.data.prompts import prompt_batches
 from lit_llmtime.data.series import (
-    COURSEWORK_VARIABLES,
     ID_COLUMN,
     TIME_COLUMN,
     SeriesSet,
@@ -68,7 +67,7 @@ class ForecastResult:
     seconds: float
     references: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (B, H, V)
     flops: float = 0.0  # what the generation cost (the FLOP budget callback sets it)
-    variables: tuple[str, ...] = COURSEWORK_VARIABLES
+    variables: tuple[str, ...] = ()  # the batch's variable names
 
     @classmethod
     def of(cls, batch: dict, future: torch.Tensor, shape: GenerationShape, generation: Generation,
@@ -85,7 +84,7 @@ class ForecastResult:
             new_tokens=generation.tokens.shape[1], seconds=generation.seconds,
             references={name: reference_forecast(name, prompts, time_axis, horizon) for name in references
                         if reference_applies(name, prompts)},
-            variables=tuple(batch.get("variables") or COURSEWORK_VARIABLES),
+            variables=tuple(batch["variables"]),
         )  # fmt: skip
 
     @property
@@ -174,7 +173,7 @@ def check_future(batch: dict, horizon: int) -> torch.Tensor:
         steps = int(known[row]) if len(known) else 0
         raise ValueError(
             f"trajectory {int(batch['index'][row])} has {steps} steps after the prompt, fewer than the {horizon} "
-            "to forecast (forecast.forecast_steps)"
+            "to forecast (forecast.horizon)"
         )
     return future
 
@@ -285,8 +284,8 @@ class Forecaster:
 
     # -- batches of the data module (predict, validation) --------------------------------------
     def horizon(self, batch: dict) -> int:
-        """Steps to forecast: the batch's own ``horizon`` (validation forecasts), else ``forecast_steps``."""
-        return int(batch["horizon"]) if "horizon" in batch else self.settings.forecast_steps
+        """Steps to forecast: the batch's own ``horizon`` (validation forecasts), else ``forecast.horizon``."""
+        return int(batch["horizon"]) if "horizon" in batch else self.settings.horizon
 
     def shape(self, batch: dict, horizon: int | None = None) -> GenerationShape:
         """What forecasting this batch computes at most (the FLOP budget charges it beforehand;
@@ -395,7 +394,7 @@ class Forecaster:
     def predict_df(
         self,
         df,
-        prediction_length: int,
+        horizon: int,
         id_column: str = ID_COLUMN,
         timestamp_column: str = TIME_COLUMN,
         target: list[str] | None = None,
@@ -407,7 +406,7 @@ class Forecaster:
         per series and future time stamp (continued at each series' inferred frequency), a column
         per variable (the median) and ``<variable>_<level>`` per quantile level."""
         series = series_from_frame(df, id_column, timestamp_column, target, source="DataFrame")
-        prediction = self.predict(series, prediction_length, num_samples, quantile_levels, **predict_args)
+        prediction = self.predict(series, horizon, num_samples, quantile_levels, **predict_args)
         return prediction_frame(series, prediction, id_column, timestamp_column)
 
 

@@ -55,11 +55,11 @@ def batch_grammar(
     tokenizer, batch: dict, forecast: ForecastArgs, decimals: int, steps: int | None = None
 ) -> LLMTimeGrammar:
     """The decoding constraint of a batch of prompts (one row per prompt and sample), for ``steps``
-    steps (default ``forecast.forecast_steps``)."""
+    steps (default ``forecast.horizon``)."""
     return LLMTimeGrammar(
         tokenizer,
         batch_size=len(batch["input_ids"]) * forecast.num_samples,
-        steps=forecast.forecast_steps if steps is None else steps,
+        steps=forecast.horizon if steps is None else steps,
         decimals=decimals,
         max_integer_digits=forecast.max_integer_digits,
         allow_negative=bool((batch["prompt"] < 0).any()),

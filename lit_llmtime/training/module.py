@@ -212,12 +212,12 @@ class LLMTimeLoRA(L.LightningModule):
 
     def generation_shape(self, batch: dict[str, torch.Tensor]) -> GenerationShape:
         """What forecasting this batch computes at most (the FLOP budget charges it beforehand):
-        validation prompts carry their horizon, predict prompts go ``forecast.forecast_steps``."""
+        validation prompts carry their horizon, predict prompts go ``forecast.horizon``."""
         return self.forecaster.shape(batch)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> ForecastResult:
-        """Forecast ``forecast.forecast_steps`` steps of each trajectory from its prompt."""
-        horizon = self.forecast.forecast_steps
+        """Forecast ``forecast.horizon`` steps of each trajectory from its prompt."""
+        horizon = self.forecast.horizon
         show = self.trainer.progress_bar_callback is not None and self.trainer.is_global_zero
         with StepProgress(horizon, f"forecast batch {batch_idx}", disable=not show) as progress:
             return self.forecaster(batch, horizon, self.forecast.reference_forecasters, progress)
