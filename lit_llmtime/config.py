@@ -17,6 +17,8 @@ def deprecated(old: str, new: str) -> None:
     if old not in _said:
         _said.add(old)
         print(f"lit-llmtime: {old} is deprecated, use {new} (the old name still works for now)", file=sys.stderr)
+
+
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 
 # Qwen2.5-0.5B-Instruct's architecture (its config.json), for offline FLOP counts and meta-device checks.

@@ -128,7 +128,8 @@ def test_cli_refuses_a_run_when_the_ledger_is_spent(tmp_path, monkeypatch):
     assert Budget("lightning_logs/quickstart/flop_ledger.jsonl", 1e17).charge("big", 1e17 - 1e6, "train")
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(Path(__file__).parents[1] / "configs/quickstart.yaml")])
-    assert "FLOP budget exhausted" in str(exit_info.value) and "(1.0000e+06 left)" in str(exit_info.value)
+    assert "FLOP budget: one training step of this run needs" in str(exit_info.value)
+    assert "; 1.000e+06 of 1.000e+17 left (ledger lightning_logs/quickstart/flop_ledger.jsonl)" in str(exit_info.value)
     assert not (tmp_path / "data").exists()  # refused before the data or model were touched
 
 

@@ -26,7 +26,7 @@ def test_a_last_line_without_newline_that_parses_is_a_record_and_gets_its_newlin
     assert Ledger(path).total() == 5e16 + 1.0
     with pytest.raises(SystemExit) as refused:  # the repro: the fit must be refused
         main(["fit", "--config", QUICKSTART, "--flop_budget.budget=5e16"])
-    assert "FLOP budget exhausted" in str(refused.value)
+    assert "FLOP budget: one training step of this run needs" in str(refused.value)
     assert path.read_bytes() == before  # refused before writing anything
     assert Budget(str(path), 1e17).charge("b", 2.0, "train")
     assert path.read_bytes().startswith(before + b"\n")  # the fragment's line is finished, not cut

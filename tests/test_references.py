@@ -26,11 +26,7 @@ def test_persistence_errors_on_a_hand_made_series():
 def test_ode_forecaster_recovers_damped_and_growing_futures():
     trajectories, time = simulate(n=30, seed=11)
     forecast = lotka_volterra_forecast(trajectories[:, :50], time, 50)
-    r2 = [
-        score(t[50:], f, t[:50])[s]["r2"]
-        for t, f in zip(trajectories, forecast, strict=True)
-        for s in ("x0", "x1")
-    ]
+    r2 = [score(t[50:], f, t[:50])[s]["r2"] for t, f in zip(trajectories, forecast, strict=True) for s in ("x0", "x1")]
     assert min(r2) > 0.99
     with pytest.raises(ValueError, match="unknown reference forecaster 'arima'"):
         reference_forecast("arima", trajectories[:, :50], time, 50)

@@ -132,6 +132,8 @@ def test_series_of_3_and_1_variables_train_and_forecast_through_the_cli_and_pyth
     assert list(table.columns[:3]) == ["series_id", "time", names[0]] and f"{names[-1]}_0.9" in table.columns
     assert len(table) == 4 * len(series) and table[list(names)].notna().all().all()
     forecast = next(r for r in Ledger(LEDGER).records() if r["stage"] == "forecast")
+    assert forecast["run_id"].startswith("forecasts/forecast/version_") and set(forecast) == set(record)  # as fit's
+    assert forecast["config"]["lora_rank"] == record["config"]["lora_rank"] and forecast["config"]["horizon"] == 4
     summary = yaml.safe_load(Path("out/forecasts_metrics.json").read_text())
     assert summary["variables"] == list(names) and summary["model"]["mean"]["valid_share"] == 1.0
     assert Path("out/forecasts_s0.png" if species == 3 else "out/forecasts_0.png").stat().st_size > 10_000
@@ -150,7 +152,7 @@ def test_series_of_3_and_1_variables_train_and_forecast_through_the_cli_and_pyth
     if species == 1:  # a budget that pays for the first of two batches: that batch is kept, at its cost
         first = forecaster.predict([v[:50] for v in series.values[:10]], horizon=4)
         spent = Ledger(LEDGER).total()
-        with pytest.raises(SystemExit, match="FLOP budget: forecast needs .* FLOPs for its next batch"):
+        with pytest.raises(SystemExit, match="FLOP budget: forecast's next batch needs .* FLOPs; .* left"):
             main(["forecast", "--ckpt_path", str(checkpoint), "--input", f"series{suffix}", "--horizon", "4",
                   "--out", "out/cut.csv", "--context_steps", "50", "--ledger", LEDGER, "--batch_size", "10",
                   f"--budget={spent + 1.5 * first.flops_bound}", "--device", "cpu"])  # fmt: skip
@@ -216,7 +218,8 @@ def test_a_forecast_settles_each_finished_batch_and_keeps_a_failed_ones_bound(tm
 
     from conftest import TINY
 
-    from lit_llmtime.app.forecast_command import LedgerCharge
+    from lit_llmtime.app.forecast_command import forecast_gate
+    from lit_llmtime.budget.gates import settled
     from lit_llmtime.model.flops import FlopModel
     from lit_llmtime.model.generate import GenerationShape
 
@@ -224,15 +227,18 @@ def test_a_forecast_settles_each_finished_batch_and_keeps_a_failed_ones_bound(tm
     shape = GenerationShape(rows=2, prompt_tokens=40, max_new_tokens=30, head_rows=14)
     bound, actual = shape.flops(model), shape.flops(model, 12)  # a batch that wrote 12 of its 30 tokens
     forecaster = SimpleNamespace(flop_model=model)
-    with LedgerCharge(forecaster, str(tmp_path / "a.jsonl"), 1e15, "done", {}) as charge:
-        charge(shape)
-        charge.finished(actual)
+    with settled(forecast_gate(forecaster, str(tmp_path / "a.jsonl"), 1e15, "done", {})) as gate:
+        assert gate.charge([bound], "a batch") == 1
+        gate.finished(bound, actual)
     (record,) = Ledger(tmp_path / "a.jsonl").records()
     assert record["status"] == "finished" and record["flops"] == pytest.approx(actual) and actual < bound
-    with pytest.raises(RuntimeError), LedgerCharge(forecaster, str(tmp_path / "b.jsonl"), 1e15, "cut", {}) as charge:
-        charge(shape)
-        charge.finished(actual)
-        charge(shape)  # the second batch fails while it runs: its work may be done, its bound stays charged
+    with (
+        pytest.raises(RuntimeError),
+        settled(forecast_gate(forecaster, str(tmp_path / "b.jsonl"), 1e15, "cut", {})) as gate,
+    ):
+        gate.charge([bound], "a batch")
+        gate.finished(bound, actual)
+        gate.charge([bound], "a batch")  # the second batch fails while it runs: its work may be done, its bound stays
         raise RuntimeError("out of memory")
     (record,) = Ledger(tmp_path / "b.jsonl").records()
     assert record["status"] == "failed: RuntimeError" and record["flops"] == pytest.approx(actual + bound)

@@ -166,5 +166,7 @@ def test_overrides_reach_sections_the_base_lacks(workdir):
     logger = "  logger:\n    class_path: lightning.pytorch.loggers.TensorBoardLogger\n    init_args: {save_dir: logs}\n"
     Path("base.yaml").write_text("trainer:\n" + logger + "model:\n  lora:\n    rank: 2\n")
     spec = {"name": "x", "base": "base.yaml", "ledger": "l.jsonl", "budget": 1e17}
-    config = resolved(spec, Run("x-run", "s", {"trainer.max_steps": 7, "data.context_length": 64, "data.data_path": "x.h5"}))
+    config = resolved(
+        spec, Run("x-run", "s", {"trainer.max_steps": 7, "data.context_length": 64, "data.data_path": "x.h5"})
+    )
     assert (config.trainer.max_steps, config.model.lora.rank, config.data.context_length) == (7, 2, 64)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,13 +13,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from lit_llmtime.budget.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget, BudgetExhausted
+from lit_llmtime.budget.gates import GenerationGate, RunRecord, SharedBudget, run_config, settled
+from lit_llmtime.budget.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget
 from lit_llmtime.config import ForecastArgs
 from lit_llmtime.data.series import ID_COLUMN, TABLE_SUFFIXES, TIME_COLUMN, SeriesSet, load_series, write_table
 from lit_llmtime.forecasting.evaluation import markdown_table, summarise, summary_lines
 from lit_llmtime.forecasting.forecaster import Forecaster, Prediction, future_times, prediction_frame
 from lit_llmtime.forecasting.references import persistence
 from lit_llmtime.io import write_text_atomic
+from lit_llmtime.model.checkpoint import model_settings
 from lit_llmtime.model.generate import GenerationShape
 
 
@@ -37,46 +38,13 @@ def split_context(series: SeriesSet, context_steps: int, horizon: int) -> tuple[
     return context, [v[context_steps : context_steps + horizon] for v in series.values]
 
 
-class LedgerCharge:
-    """Charges each generation batch's FLOP bound before it runs (refusing one that does not fit),
-    refunds what the finished batches did not use, and describes the run: as the budget does for
-    predict. A context manager: a run that fails or is refused part-way is settled too (a batch
-    that was running stays charged at its bound, since its work may have been done)."""
-
-    def __init__(self, forecaster: Forecaster, ledger: str | None, budget: float, name: str, config: dict) -> None:
-        self.forecaster, self.authority, self.name, self.config = forecaster, Budget(ledger, budget), name, config
-        self.run_id = f"{name}/forecast/{time.strftime('%Y%m%dT%H%M%S')}"
-        self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
-        self.charged = self.running = self.unused = 0.0
-
-    def __call__(self, shape: GenerationShape) -> None:
-        """Before a batch: charge its bound, or refuse it."""
-        cost = shape.flops(self.forecaster.flop_model)
-        if not self.authority.charge(self.run_id, cost, "generate"):
-            left = self.authority.available()
-            raise BudgetExhausted(f"FLOP budget: forecast needs {cost:.3e} FLOPs for its next batch; {left:.3e} left")
-        self.charged, self.running = self.charged + cost, cost
-
-    def finished(self, flops: float) -> None:
-        """After a batch: what it cost."""
-        self.unused, self.running = self.unused + self.running - flops, 0.0
-
-    def __enter__(self) -> LedgerCharge:
-        return self
-
-    def __exit__(self, kind, error, traceback) -> None:
-        status = "finished" if kind is None else f"failed: {kind.__name__}"
-        if isinstance(error, BudgetExhausted):
-            status = f"refused: {error}"
-        try:
-            self.authority.refund(self.run_id, self.unused, "generate")
-            if self.charged or kind is None:
-                self.authority.ledger.update(self.run_id, name=self.name, stage="forecast", status=status,
-                                             config=self.config, started=self.started)  # fmt: skip
-        except (OSError, ValueError) as failure:  # the run's own error, if any, is the one to see
-            if kind is None:
-                raise
-            print(f"lit-llmtime: could not settle the forecast in the ledger: {failure}", file=sys.stderr)
+def forecast_gate(forecaster: Forecaster, ledger: str | None, budget: float, name: str, config: dict) -> GenerationGate:
+    """The generation gate of a forecast run: charged as ``predict`` is, recorded as
+    ``<name>/forecast/version_<time>`` with the same fields."""
+    authority = Budget(ledger, budget)
+    record = RunRecord(authority, name, "exact")
+    record.start(name, "forecast", time.strftime("%Y%m%dT%H%M%S"), lambda: {"config": config})
+    return GenerationGate(SharedBudget(authority), record, forecaster.flop_model)
 
 
 def forecast_file(
@@ -148,11 +116,19 @@ def forecast_file(
         if truth is None
         else [t[context_steps : context_steps + horizon] for t in series.time]
     )  # before generating: a time axis that cannot be continued stops the run before it is paid for
-    config = {"model_name_or_path": ckpt_path or model_name_or_path, "input": str(input), "horizon": horizon}
-    with LedgerCharge(forecaster, ledger, budget, out_path.stem, config) as charge:
+    settings = model_settings(ckpt_path) if ckpt_path is not None else {"model_name_or_path": model_name_or_path}
+    config = run_config(settings, {"batch_size": batch_size}, devices=1, input=str(input), horizon=horizon)
+    running: list[float] = []  # the bound of the batch being generated
+
+    def charge(shape: GenerationShape) -> None:
+        running.append(shape.flops(forecaster.flop_model))
+        gate.charge(running[-1:], "forecast's next batch")
+
+    with settled(forecast_gate(forecaster, ledger, budget, out_path.stem, config)) as gate:
         prediction = forecaster.predict(
-            context, horizon, batch_size=batch_size, before_batch=charge, after_batch=charge.finished, progress=True
-        )
+            context, horizon, batch_size=batch_size, before_batch=charge,
+            after_batch=lambda flops: gate.finished(running.pop(), flops), progress=True,
+        )  # fmt: skip
 
     write_table(out_path, prediction_frame(context, prediction, id_column, time_column, times))
     lower, upper = np.quantile(prediction.samples, [0.05, 0.95], axis=1)  # the figures' 5-95% band, as predict's

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_llmtime.app.console import quiet_lightning, use_project_console
 from lit_llmtime.budget.callback import FlopBudget
-from lit_llmtime.budget.ledger import Budget, BudgetExhausted
+from lit_llmtime.budget.ledger import Budget
 from lit_llmtime.budget.plan import step_flops
 from lit_llmtime.config import EncodingArgs, deprecated
 from lit_llmtime.data.module import SeriesDataModule
@@ -236,11 +236,7 @@ def refuse_unaffordable(config: Namespace) -> None:
     budget = Budget(config.flop_budget.ledger, config.flop_budget.budget)
     step = step_flops(config)
     if not budget.allow(step):
-        raise BudgetExhausted(
-            f"FLOP budget exhausted: ledger {config.flop_budget.ledger} has spent {budget.spent():.4e} of "
-            f"{budget.budget:.4e} FLOPs ({budget.available():.4e} left) and one training step of this run "
-            f"costs {step:.4e}"
-        )
+        raise budget.refusal("one training step of this run", step)
 
 
 # The data module's class paths a config's ``data.class_path`` may name (the first is the old name).

@@ -76,7 +76,7 @@ class FlopBudget(L.Callback):
             refuse_deferred_stops(trainer)
         self.flop_model = pl_module.flop_model(self.accounting)
         self.shared = SharedBudget.of(self.authority, trainer)
-        self.record.start(trainer, stage)
+        self.record.start_trainer(trainer, stage)
         self.evaluation = EvaluationGate(self.shared, self.record, self.flop_model)
         self.prediction = PredictGate(self.shared, self.record, self.flop_model)
         if stage == "predict":
@@ -90,13 +90,12 @@ class FlopBudget(L.Callback):
 
     # -- training ------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.record.describe(trainer, "running")
+        self.record.describe("running")
         if trainer.limit_val_batches and trainer.datamodule is not None:
             loaders = trainer.datamodule.val_dataloader()
             self.val_reserve = evaluation_bound(trainer, pl_module, self.flop_model, loaders, trainer.limit_val_batches)
         if not self.shared.reserve(self.run_id, self.val_reserve):
-            self.record.refuse(trainer, f"fit needs {self.val_reserve:.3e} FLOPs for a validation pass; "
-                                  f"{self.authority.available():.3e} left")  # fmt: skip
+            self.record.refuse("fit's validation pass", self.val_reserve)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -104,7 +103,7 @@ class FlopBudget(L.Callback):
         cost, *signals = self.shared.sum([self.flop_model.train_step(*batch["input_ids"].shape), *self.signals.flags()])
         if signum := first_signal(signals):
             save_last(trainer)
-            self.record.describe(trainer, f"stopped: {signal.Signals(signum).name}")
+            self.record.describe(f"stopped: {signal.Signals(signum).name}")
             raise Interrupted(signum, f"step {trainer.global_step} saved")
         self._step_cost = cost
         self._completes_step = self._step_ends_at(trainer, batch_idx)
@@ -154,7 +153,7 @@ class FlopBudget(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.shared.reserve(self.run_id, 0.0)
-        self.record.describe(trainer, "stopped: budget" if self.stopped_for_budget else "finished")
+        self.record.describe("stopped: budget" if self.stopped_for_budget else "finished")
 
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.signals.install()  # after the Trainer registered its SIGTERM handler, which this replaces
@@ -167,11 +166,11 @@ class FlopBudget(L.Callback):
             remove_empty_log_dir(trainer)
         elif isinstance(exception, SIGTERMException) and stage == "fit":  # before this callback's handler
             save_last(trainer)  # pre-empted: keep what was paid for
-            self.record.describe(trainer, "stopped: SIGTERM")
+            self.record.describe("stopped: SIGTERM")
         elif isinstance(exception, Interrupted) and stage != "fit":
-            self.record.describe(trainer, f"stopped: {signal.Signals(exception.signum).name}")
+            self.record.describe(f"stopped: {signal.Signals(exception.signum).name}")
         elif not isinstance(exception, BudgetExhausted | Interrupted):
-            self.record.describe(trainer, f"failed: {type(exception).__name__}")
+            self.record.describe(f"failed: {type(exception).__name__}")
 
     # -- validation and test (budget.EvaluationGate) ------------------------------------------
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -195,7 +194,7 @@ class FlopBudget(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(pl_module)
-        self.record.describe(trainer, "running" if self.record.stage == "fit" else "finished")
+        self.record.describe("running" if self.record.stage == "fit" else "finished")
 
     on_test_epoch_end = on_validation_epoch_end
 
@@ -208,7 +207,7 @@ class FlopBudget(L.Callback):
     # -- prediction (budget.PredictGate) -------------------------------------------------------
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.signals.install(immediate=True)
-        self.record.describe(trainer, "running")
+        self.record.describe("running")
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         """What the generation cost goes into its result (``flops``), for the forecast files."""
@@ -216,7 +215,7 @@ class FlopBudget(L.Callback):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.run_flops += self.prediction.settle()
-        self.record.describe(trainer, f"shrunk: {self.record.cut}" if self.record.cut else "finished")
+        self.record.describe(f"shrunk: {self.record.cut}" if self.record.cut else "finished")
 
     # -- reporting -----------------------------------------------------------------------------
     def _log(self, pl_module: L.LightningModule, **extra: float) -> None:
@@ -224,5 +223,3 @@ class FlopBudget(L.Callback):
         metrics = {"flops/total": total, "flops/run": self.run_flops, "flops/budget_used": total / self.budget}
         for name, value in (metrics | extra).items():
             pl_module.log(name, value, sync_dist=False, rank_zero_only=True)
-
-

@@ -7,7 +7,8 @@ from __future__ import annotations
 import itertools
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -118,11 +119,43 @@ def built_model(hparams: dict[str, Any]) -> str:
     return f"random Qwen2 ({fields}, init_seed={hparams.get('init_seed')})"
 
 
+def run_config(model: dict[str, Any], data: dict[str, Any], devices: int, **extra: Any) -> dict[str, Any]:
+    """The ``config`` a run record shows: the model and data settings that say what it computes
+    (``model``: the module's settings, as a checkpoint keeps them; ``data``: the data module's)."""
+    lora, optim = model.get("lora") or {}, model.get("optim") or {}
+    return {
+        "model_name_or_path": built_model(model),
+        "lora_rank": lora.get("rank"),
+        "learning_rate": optim.get("learning_rate"),
+        "context_length": data.get("context_length"),
+        "batch_size": data.get("batch_size"),
+        "devices": devices,
+    } | extra
+
+
+def trainer_details(trainer: L.Trainer, stage: str) -> dict[str, Any]:
+    """What a Lightning run's record shows: its settings, validation loss and log folder."""
+    module, data_hparams = trainer.lightning_module, getattr(trainer.datamodule, "hparams", {})
+    val_loss = trainer.callback_metrics.get("val/loss")
+    return {
+        "config": run_config(dict(module.hparams), data_hparams, trainer.world_size),
+        "val_loss": None if val_loss is None or stage not in ("fit", "validate") else float(val_loss),
+        "log_dir": getattr(trainer.logger, "log_dir", None),  # not trainer.log_dir: a collective
+    }
+
+
 class RunRecord:
-    """A run's record in the ledger: its id (kept in checkpoints, so a resumed run continues its
-    record), what it is and where it stands, and what the budget cut (said once, kept in the
-    status). Written by rank 0 only; a failure to write it is a warning, as the other ranks do not
-    wait for it."""
+    """A run's record in the ledger: its id ``<name>/<stage>/version_<version>`` (a fit's
+    ``<name>/version_<version>``; kept in checkpoints, so a resumed run continues its record), what
+    it is and where it stands, and what the budget cut (said once, kept in the status). Every kind
+    of run (fit, validate, test, predict, ``lit-llmtime forecast``) writes the same fields. Written
+    by one process only (``writer``); a failure to write is a warning, as the others do not wait.
+
+    Args:
+        authority: the ledger's budget.
+        run_name: the run's name (default: the one ``start`` is given).
+        accounting: the FLOP model's accounting, recorded with the run.
+    """
 
     def __init__(self, authority: Budget, run_name: str | None, accounting: Accounting) -> None:
         self.authority, self.run_name, self.accounting = authority, run_name, accounting
@@ -130,16 +163,24 @@ class RunRecord:
         self.stage = "fit"
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.cut: str | None = None
+        self.writer = True
+        self.details: Callable[[], dict[str, Any]] = dict
 
-    def start(self, trainer: L.Trainer, stage: str) -> None:
-        """Name the run (the logger's name and version) unless a checkpoint already did."""
-        self.stage = stage
+    def start(self, name: str, stage: str, version: Any, details: Callable[[], dict[str, Any]], writer: bool = True):
+        """Name the run unless a checkpoint already did; ``details()`` gives its ``config``,
+        ``val_loss`` and ``log_dir`` whenever the record is written."""
+        self.stage, self.details, self.writer = stage, details, writer
         if self.run_id is None:
-            logger = trainer.logger
-            name = self.run_name or (logger.name if logger else "run")
-            version = logger.version if logger else self.started
-            self.run_id = f"{name}/{stage}/version_{version}" if stage != "fit" else f"{name}/version_{version}"
-            self.run_name = name
+            self.run_name = self.run_name or name
+            where = f"{self.run_name}/{stage}" if stage != "fit" else self.run_name
+            self.run_id = f"{where}/version_{version}"
+
+    def start_trainer(self, trainer: L.Trainer, stage: str) -> None:
+        """``start`` a Lightning run: named by its logger's name and version."""
+        logger = trainer.logger
+        version = logger.version if logger else self.started
+        self.start(logger.name if logger else "run", stage, version, partial(trainer_details, trainer, stage),
+                   trainer.is_global_zero)  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "started": self.started}
@@ -148,43 +189,30 @@ class RunRecord:
         if self.stage == "fit":  # evaluating a checkpoint is a run of its own, not the training run
             self.run_id, self.started = state_dict["run_id"], state_dict.get("started", self.started)
 
-    def refuse(self, trainer: L.Trainer, message: str) -> None:
-        """Record what the budget refused and raise ``BudgetExhausted`` (on every rank alike)."""
-        self.cut = message
-        self.describe(trainer, f"refused: {message}")
-        raise BudgetExhausted(f"FLOP budget: {message}")
+    def refuse(self, what: str, cost: float) -> None:
+        """Record that the budget refused ``what`` (which needs ``cost`` FLOPs) and raise
+        ``BudgetExhausted`` (on every rank alike), in the one shape every refusal has."""
+        error = self.authority.refusal(what, cost)
+        self.cut = str(error)
+        self.describe(f"refused: {self.cut}")
+        raise error
 
-    def describe(self, trainer: L.Trainer, status: str) -> None:
-        if not trainer.is_global_zero:
+    def describe(self, status: str) -> None:
+        if not self.writer:
             return
         try:
-            self._write(trainer, status)
+            self._write(status)
         except (OSError, ValueError) as error:
             rank_zero_warn(f"FlopBudget: could not describe the run in the ledger: {error}")
 
-    def _write(self, trainer: L.Trainer, status: str) -> None:
-        module, data_hparams = trainer.lightning_module, getattr(trainer.datamodule, "hparams", {})
-        val_loss = trainer.callback_metrics.get("val/loss")
+    def _write(self, status: str) -> None:
         if self.cut is not None and not status.startswith(("refused", "shrunk")):
             status = f"{status} ({self.cut})"
+        details = {"config": {}, "val_loss": None, "log_dir": None} | self.details()
         self.authority.ledger.update(
-            self.run_id,
-            name=self.run_name,
-            stage=self.stage,
-            status=status,
-            config={
-                "model_name_or_path": built_model(module.hparams),
-                "lora_rank": module.lora.rank,
-                "learning_rate": module.optim.learning_rate,
-                "context_length": data_hparams.get("context_length"),
-                "batch_size": data_hparams.get("batch_size"),
-                "devices": trainer.world_size,
-            },
-            val_loss=None if val_loss is None or self.stage not in ("fit", "validate") else float(val_loss),
-            log_dir=getattr(trainer.logger, "log_dir", None),  # not trainer.log_dir: a collective
-            accounting=self.accounting,
-            started=self.started,
-        )
+            self.run_id, name=self.run_name, stage=self.stage, status=status, accounting=self.accounting,
+            started=self.started, **details,
+        )  # fmt: skip
 
 
 def evaluation_bound(trainer: L.Trainer, module: L.LightningModule, flop_model: FlopModel, loaders, limit) -> float:
@@ -232,10 +260,8 @@ class EvaluationGate:
         limit = trainer.limit_test_batches if stage == "test" else trainer.limit_val_batches
         bound = evaluation_bound(trainer, module, self.flop_model, loaders, limit)
         if not self.shared.reserve(self.record.run_id, bound):
-            self.record.refuse(
-                trainer, f"{stage} needs {bound:.3e} FLOPs; {self.shared.authority.available():.3e} left"
-            )
-        self.record.describe(trainer, "running")
+            self.record.refuse(stage, bound)
+        self.record.describe("running")
 
     def charge(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, forecast: bool = False) -> float:
         """Charge a batch on every device before it runs (a forward pass, or a forecast's bound); its cost."""
@@ -245,7 +271,7 @@ class EvaluationGate:
         (cost,) = self.shared.sum([local])
         stage = self.record.stage
         if not self.shared.charge(self.record.run_id, cost, stage if stage != "fit" else "validate"):
-            self.record.refuse(trainer, f"a {stage} batch costs {cost:.3e} FLOPs beyond what is left")
+            self.record.refuse(f"a {stage} batch", cost)
         self.forecast_charged = cost
         return cost
 
@@ -257,25 +283,70 @@ class EvaluationGate:
         return unused
 
 
-class PredictGate:
+class GenerationGate:
+    """Generation under the budget, for ``predict`` and ``lit-llmtime forecast`` alike: batches are
+    charged at their longest before they run (the affordable first ones of those offered; none
+    affordable: refused), what finished batches did not use is refunded when the run settles, and
+    a batch that was running when a run failed stays charged at its bound (its work may be done)."""
+
+    def __init__(self, shared: SharedBudget, record: RunRecord, flop_model: FlopModel) -> None:
+        self.shared, self.record, self.flop_model = shared, record, flop_model
+        self.charged = self.running = self.generated = 0.0
+
+    def charge(self, bounds: list[float], what: str) -> int:
+        """Charge the first of ``bounds`` (each batch's most, on every device) that the budget pays
+        for; how many. None of them: refused (``what`` names the first batch)."""
+        costs = list(itertools.accumulate(bounds))
+        available = self.shared.authority.available
+        affordable = int(self.shared.decide(lambda: sum(cost <= available() for cost in costs)))
+        if affordable == 0 or not self.shared.charge(self.record.run_id, costs[affordable - 1], "generate"):
+            self.record.refuse(what, bounds[0])
+        self.charged += costs[affordable - 1]
+        self.running += costs[affordable - 1]
+        return affordable
+
+    def finished(self, bound: float, flops: float) -> float:
+        """A batch charged at ``bound`` finished, having cost ``flops`` on this device; its cost."""
+        self.running -= bound
+        self.generated += flops
+        return flops
+
+    def settle(self, failed: bool = False) -> float:
+        """Refund what the finished batches did not use (after a failure, the running batch's
+        bound stays charged; without one, everything not generated comes back); what was spent."""
+        (spent,) = self.shared.sum([self.generated])
+        kept = self.running if failed else 0.0
+        self.shared.refund(self.record.run_id, self.charged - kept - spent, "generate")
+        return spent + kept
+
+
+@contextmanager
+def settled(gate: GenerationGate) -> Iterator[GenerationGate]:
+    """Generate through ``gate``, then settle it and describe the run: finished, or (when the block
+    raises) refused or failed, with what was computed kept charged. A run's own error is the one
+    raised: a failure to settle after it is only said."""
+    try:
+        yield gate
+    except BaseException as error:
+        refused = isinstance(error, BudgetExhausted)
+        try:
+            gate.settle(failed=True)
+            gate.record.describe(f"refused: {error}" if refused else f"failed: {type(error).__name__}")
+        except (OSError, ValueError) as failure:
+            print(f"lit-llmtime: could not settle the run in the ledger: {failure}", file=sys.stderr)
+        raise
+    gate.settle()
+    gate.record.describe("finished")
+
+
+class PredictGate(GenerationGate):
     """``predict`` under the budget: only the batches it can pay for, all charged at their longest
     before any runs (``predict_bounds``; ``limit_predict_batches``, the Trainer's public limit, cuts
     the rest), the unused part refunded at the end."""
 
-    def __init__(self, shared: SharedBudget, record: RunRecord, flop_model: FlopModel) -> None:
-        self.shared, self.record, self.flop_model = shared, record, flop_model
-        self.charged = self.generated = 0.0
-
     def shrink(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         bounds = predict_bounds(trainer, module, self.flop_model)
-        costs = list(itertools.accumulate(bounds))
-        available = self.shared.authority.available
-        affordable = int(self.shared.decide(lambda: sum(cost <= available() for cost in costs)))
-        self.charged = costs[affordable - 1] if affordable else 0.0
-        if affordable == 0 or not self.shared.charge(self.record.run_id, self.charged, "generate"):
-            self.record.refuse(
-                trainer, f"predict needs {bounds[0]:.3e} FLOPs for its first batch; {available():.3e} left"
-            )
+        affordable = self.charge(bounds, "predict's first batch")
         if affordable < len(bounds):
             trainer.limit_predict_batches = affordable
             self.record.cut = f"forecasting {affordable} of {len(bounds)} batches (the budget pays for no more)"
@@ -283,15 +354,8 @@ class PredictGate:
 
     def generated_by(self, result) -> float:
         """What a batch's generation (its ``ForecastResult``) cost on this device."""
-        flops = result.shape.flops(self.flop_model, result.new_tokens)
-        self.generated += flops
-        return flops
-
-    def settle(self) -> float:
-        """Refund what the generation did not use; what it used on every device."""
-        (spent,) = self.shared.sum([self.generated])
-        self.shared.refund(self.record.run_id, self.charged - spent, "generate")
-        return spent
+        bound = result.shape.flops(self.flop_model)
+        return self.finished(bound, result.shape.flops(self.flop_model, result.new_tokens))
 
 
 def save_last(trainer: L.Trainer) -> None:

@@ -299,6 +299,13 @@ class Budget:
     def allow(self, cost: float) -> bool:
         return cost <= self.available()
 
+    def refusal(self, what: str, cost: float) -> BudgetExhausted:
+        """The one shape of every budget refusal: what was refused, what it needs, what is left."""
+        where = f"ledger {self.ledger.path}" if self.ledger.path else "this process's budget"
+        return BudgetExhausted(
+            f"FLOP budget: {what} needs {cost:.3e} FLOPs; {self.available():.3e} of {self.budget:.3e} left ({where})"
+        )
+
     def charge(self, run_id: str, cost: float, kind: str, steps: int = 0, reserve: float | None = None) -> bool:
         """Atomically: if ``cost`` (plus a new reservation of ``reserve`` for this process) fits,
         record it durably and return True; else record nothing and return False. Without

@@ -33,10 +33,6 @@ def _get(namespace: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-
-
-
-
 def flop_model_of(config: Any, accounting: Accounting | None = None) -> FlopModel:
     """The FLOP model of a resolved run configuration (its model and LoRA settings)."""
     model = config.model

@@ -28,12 +28,6 @@ def load_trajectories(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return series.as_array(), series.common_time()
 
 
-
-
-
-
-
-
 def split_indices(n: int, val_size: int = 200, test_size: int = 100, seed: int = 0) -> dict[str, np.ndarray]:
     """Deterministic disjoint split: the last ``test_size`` are test (972 and 990-999 of 1000),
     ``val_size`` seeded-random others are validation, the rest train."""
@@ -48,24 +42,6 @@ def split_indices(n: int, val_size: int = 200, test_size: int = 100, seed: int =
         "val": np.sort(rest[:val_size]),
         "test": np.arange(n - test_size, n),
     }
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def predict_indices(requested: list[int] | None, test: np.ndarray, n: int, source: str) -> list[int]:

@@ -410,12 +410,6 @@ class Forecaster:
         return prediction_frame(series, prediction, id_column, timestamp_column)
 
 
-
-
-
-
-
-
 def prediction_frame(series: SeriesSet, prediction: Prediction, id_column: str = ID_COLUMN,
                      time_column: str = TIME_COLUMN, times: list[np.ndarray] | None = None):  # fmt: skip
     """A long DataFrame of ``prediction``: series id, time (``times``, default: each series' own

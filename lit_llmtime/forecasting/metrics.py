@@ -43,9 +43,9 @@ def score(
     samples: np.ndarray | None = None,
     variables: tuple[str, ...] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Scores per variable (named by ``variables``; default x0, x1, ...) of one (H, V) forecast against its (H, V) truth; ``prompt`` (P, V) scales MASE. With
-    (S, H, V) ``samples`` and S > 1, also CRPS (from the samples) and the weighted quantile loss
-    at 0.1 ... 0.9."""
+    """Scores per variable (named by ``variables``; default x0, x1, ...) of one (H, V) forecast
+    against its (H, V) truth; ``prompt`` (P, V) scales MASE. With (S, H, V) ``samples`` and S > 1,
+    also CRPS (from the samples) and the weighted quantile loss at 0.1 ... 0.9."""
     if np.isnan(forecast).any():
         raise ValueError("forecast has NaN steps: fill them (fill_invalid) before scoring")
     scale = naive_scale(prompt)

@@ -47,8 +47,6 @@ def optimizer_and_schedule(params: list[nn.Parameter], optim: OptimArgs, total_s
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-
-
 class LLMTimeLoRA(L.LightningModule):
     """Qwen2.5 with LoRA on chosen projections, trained on LLMTIME token windows; forecasts in ``predict``.
 
@@ -240,5 +238,3 @@ class LLMTimeLoRA(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_adapter(set(trainable_state_dict(self)), checkpoint["state_dict"])
-
-
