@@ -19,12 +19,10 @@ from lit_llmtime.budget.ledger import Budget
 from lit_llmtime.config import LoRAArgs
 from lit_llmtime.data.module import SeriesDataModule
 from lit_llmtime.data.simulate import simulate, write_h5
+from lit_llmtime.model.configs import model_config
 from lit_llmtime.training.module import LLMTimeLoRA
 
-MODEL = dict(
-    vocab_size=151936, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-)  # fmt: skip
+MODEL = model_config("small-qwen", intermediate_size=256)
 
 
 class StepTimer(L.Callback):

@@ -26,7 +26,8 @@ import time
 
 import torch
 
-from lit_llmtime.config import QWEN2_5_0_5B_CONFIG, LoRAArgs
+from lit_llmtime.config import LoRAArgs
+from lit_llmtime.model.configs import model_config
 from lit_llmtime.model.generate import generate
 from lit_llmtime.model.loss import loss_path
 from lit_llmtime.text.grammar import LLMTimeGrammar
@@ -44,7 +45,10 @@ def peak_flops() -> float:
 def train(output_vocab: str, steps: int) -> dict:
     torch.manual_seed(0)
     module = LLMTimeLoRA(
-        model_config=QWEN2_5_0_5B_CONFIG, torch_dtype="bfloat16", lora=LoRAArgs(rank=8), output_vocab=output_vocab
+        model_config=model_config("qwen2.5-0.5b"),
+        torch_dtype="bfloat16",
+        lora=LoRAArgs(rank=8),
+        output_vocab=output_vocab,
     ).cuda()
     module.log = lambda *args, **kwargs: None
     alphabet = torch.tensor([*range(15, 25), 13, 11, 26], device="cuda")  # digits . , ; as Qwen2.5 token ids

@@ -33,7 +33,8 @@ def run_variant(variant: str, tokens: int, steps: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from lit_llmtime.config import QWEN2_5_0_5B_CONFIG, LoRAArgs
+    from lit_llmtime.config import LoRAArgs
+    from lit_llmtime.model.configs import model_config
     from lit_llmtime.training.module import LLMTimeLoRA
 
     torch.manual_seed(0)
@@ -43,14 +44,14 @@ def run_variant(variant: str, tokens: int, steps: int) -> dict:
     if variant == "peft":
         from peft import LoraConfig, get_peft_model
 
-        model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN2_5_0_5B_CONFIG), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**model_config("qwen2.5-0.5b")), dtype=torch.float32)
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
 
         def loss() -> torch.Tensor:
             return model(**batch).loss
     else:
         module = LLMTimeLoRA(
-            model_config=QWEN2_5_0_5B_CONFIG, lora=LoRAArgs(rank=8), output_vocab=variant.removeprefix("ours-")
+            model_config=model_config("qwen2.5-0.5b"), lora=LoRAArgs(rank=8), output_vocab=variant.removeprefix("ours-")
         )
         module.log = lambda *args, **kwargs: None
         model = module

@@ -21,20 +21,6 @@ def deprecated(old: str, new: str) -> None:
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 
-# Qwen2.5-0.5B-Instruct's architecture (its config.json), for offline FLOP counts and meta-device checks.
-QWEN2_5_0_5B_CONFIG = dict(
-    vocab_size=151936,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-6,
-    rope_theta=1000000.0,
-    tie_word_embeddings=True,
-)
-
 
 @dataclass
 class EncodingArgs:
@@ -135,7 +121,7 @@ class ForecastArgs:
             their median and a 5-95% band.
         temperature: sampling temperature (``num_samples > 1``).
         top_p: nucleus sampling threshold (``num_samples > 1``).
-        constrained: ``grammar`` (every step is ``number,number;`` with the encoding's decimals,
+        constrained: ``grammar`` (every step is one number per variable, ``x,y;``, with the encoding's decimals,
             so every step parses), ``alphabet`` (only LLMTIME characters) or ``none``.
         max_integer_digits: integer digits a generated number may have under ``grammar``.
         reference_forecasters: classical forecasters run on the same prompts and scored on the

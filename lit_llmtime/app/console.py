@@ -55,7 +55,7 @@ class StepProgressBar(RichProgressBar):
         return items
 
     def _get_train_description(self, current_epoch: int) -> str:
-        # The one private Lightning method overridden here (tests/test_console.py fails if it is
+        # The one private Lightning method overridden here (tests/app/test_console.py fails if it is
         # renamed): Lightning 2.6 writes "Epoch 0/-2" when max_epochs is -1, as for a max_steps run.
         return f"Epoch {current_epoch}" + (f"/{self.trainer.max_epochs - 1}" if self.trainer.max_epochs > 0 else "")
 

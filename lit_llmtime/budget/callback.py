@@ -1,5 +1,5 @@
-"""Lightning callbacks: the FLOP budget that gates every batch and generation of a run (made of
-the parts in budget.py), and the writer of forecasts, metrics and figures."""
+"""The ``FlopBudget`` callback: the FLOP budget that gates every batch and generation of a run, made
+of the parts in ``gates.py``."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from lit_llmtime.model.flops import Accounting
 
 class FlopBudget(L.Callback):
     """Gates every FLOP of a run on one budget that all runs of a ledger share (``ledger.Budget``),
-    out of the parts in budget.py: ``SharedBudget`` (rank 0 decides, every rank follows, one
+    out of the parts in ``gates.py``: ``SharedBudget`` (rank 0 decides, every rank follows, one
     all-reduce), ``RunRecord`` (the ledger record, kept in checkpoints so a resumed run continues
     it), ``EvaluationGate`` (validate and test reserve their pass, every batch is charged before it
     runs) and ``PredictGate`` (only the batches the budget pays for, at their longest, refunded).

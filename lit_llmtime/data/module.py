@@ -14,10 +14,10 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from lit_llmtime.config import EncodingArgs, ForecastValidationArgs, as_args
-from lit_llmtime.data.prompts import Prompts, collate_prompts, encode_trajectories, scale_alphas
+from lit_llmtime.data.prompts import Prompts, collate_prompts, encode_trajectories, prompt_texts, scale_alphas
 from lit_llmtime.data.series import ID_COLUMN, TIME_COLUMN, SeriesSet, load_series
 from lit_llmtime.data.windows import TokenWindows, chunk_windows, pack
-from lit_llmtime.text.codec import STEP_SEPARATOR, global_alpha
+from lit_llmtime.text.codec import global_alpha
 from lit_llmtime.text.tokenizers import DEFAULT_TOKENIZER, load_tokenizer
 
 
@@ -211,8 +211,7 @@ class SeriesDataModule(L.LightningDataModule):
                 f"{self.hparams.data_path}: {where}encoding.prompt_steps={steps} leaves nothing to forecast "
                 f"in trajectories of {short[0][1]} steps"
             )
-        texts = encode_trajectories([v[:steps] for v in values], self.alphas[indices], self.encoding.decimals)
-        texts = [text + STEP_SEPARATOR for text in texts]  # the model writes the next step
+        texts = prompt_texts([v[:steps] for v in values], self.alphas[indices], self.encoding.decimals, indices)
         token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         return Prompts(indices, values, self.alphas[indices], token_ids)
 

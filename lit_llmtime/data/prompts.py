@@ -13,14 +13,19 @@ from lit_llmtime.data.series import SeriesSet, default_variables
 from lit_llmtime.text.codec import STEP_SEPARATOR, encode, scale_alpha
 
 
-def scale_alphas(trajectories: np.ndarray, encoding: EncodingArgs, dataset_alpha: float | None = None) -> np.ndarray:
-    """Each trajectory's alpha under ``encoding.scale_from`` (``dataset`` uses ``dataset_alpha``)."""
+def scale_alphas(
+    series: list[np.ndarray], encoding: EncodingArgs, dataset_alpha: float | None = None, contexts: bool = False
+) -> np.ndarray:
+    """Each series' LLMTIME scale under ``encoding.scale_from``: ``dataset``, the training split's one
+    ``dataset_alpha``; ``prompt``, its first ``prompt_steps`` steps; ``trajectory``, all its steps
+    (a look-ahead when the series goes on past its prompt). ``contexts``: the series are forecast
+    contexts, nothing but prompts, so all their steps are the prompt's."""
     if encoding.scale_from == "dataset":
         if dataset_alpha is None:
-            raise ValueError("scale_from='dataset' needs the training split's alpha")
-        return np.full(len(trajectories), dataset_alpha)
-    span = encoding.prompt_steps if encoding.scale_from == "prompt" else None
-    return np.array([scale_alpha(trajectory[:span]) for trajectory in trajectories])
+            raise ValueError("scale_from=dataset needs the training split's scale (alpha), which this model lacks")
+        return np.full(len(series), float(dataset_alpha))
+    span = encoding.prompt_steps if encoding.scale_from == "prompt" and not contexts else None
+    return np.array([scale_alpha(values[:span]) for values in series], dtype=np.float64)
 
 
 def encode_trajectories(trajectories: np.ndarray, alphas: np.ndarray, decimals: int = 2, indices=None) -> list[str]:
@@ -30,6 +35,11 @@ def encode_trajectories(trajectories: np.ndarray, alphas: np.ndarray, decimals: 
         encode(trajectory, alpha=alpha, decimals=decimals, name=f"sample {index}")[0]
         for index, trajectory, alpha in zip(indices, trajectories, alphas, strict=True)
     ]
+
+
+def prompt_texts(prompts: list[np.ndarray], alphas: np.ndarray, decimals: int, names=None) -> list[str]:
+    """Each prompt's LLMTIME text, ending in ``;`` so that the model writes the next step."""
+    return [text + STEP_SEPARATOR for text in encode_trajectories(prompts, alphas, decimals, names)]
 
 
 class Prompts(Dataset):
@@ -98,8 +108,7 @@ def collate_prompts(
 def prompt_batches(tokenizer, series: SeriesSet, alphas: np.ndarray, decimals: int, batch_size: int, device):
     """Batches of ``batch_size`` series as LLMTIME prompts (ending in ``;``): left-padded token ids
     and, left-padded with NaN alike, the (B, longest, D) values, with their scales."""
-    texts = [encode(v, alpha=a, decimals=decimals, name=f"series {i}")[0] + STEP_SEPARATOR
-             for i, v, a in zip(series.ids, series.values, alphas, strict=True)]  # fmt: skip
+    texts = prompt_texts(series.values, alphas, decimals, series.ids)
     token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     for start in range(0, len(texts), batch_size):
         rows = list(range(start, min(start + batch_size, len(texts))))

@@ -12,7 +12,7 @@ IGNORE_INDEX = -100  # label value that cross-entropy skips
 def window_starts(length: int, context_length: int, stride: int, cover_end: bool = True) -> list[int]:
     """Where the windows over a ``length``-token sequence start: every ``stride`` tokens while a
     whole window fits, then (``cover_end``) one window flush with the end. No window lies inside
-    another and none is mostly padding, as the skeleton's trailing windows were. Without
+    another and none is mostly padding (the coursework skeleton's trailing windows were). Without
     ``cover_end`` (evaluation, ``stride == context_length``) windows do not overlap: no token is scored twice."""
     if not cover_end:
         return [start for start in range(0, length, stride) if length - start >= 2]  # a window needs a label

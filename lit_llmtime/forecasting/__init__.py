@@ -1,1 +1,1 @@
-"""forecasting"""
+"""Forecasts: the ``Forecaster``, metrics, reference forecasters, evaluation, plots and the writer."""

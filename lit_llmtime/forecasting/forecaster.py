@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lit_llmtime.config import DEFAULT_MODEL, EncodingArgs, ForecastArgs, LoRAArgs, as_args
-from lit_llmtime.data.prompts import prompt_batches
+from lit_llmtime.data.prompts import prompt_batches, scale_alphas
 from lit_llmtime.data.series import (
     ID_COLUMN,
     TIME_COLUMN,
@@ -39,7 +39,6 @@ from lit_llmtime.model.generate import (
     generation_shape,
     static_generation,
 )
-from lit_llmtime.text.codec import scale_alpha
 from lit_llmtime.text.grammar import LLMTimeGrammar
 from lit_llmtime.text.tokenizers import OFFLINE_TOKENIZER, load_tokenizer
 
@@ -186,7 +185,7 @@ class Forecaster:
         model: a Hugging Face causal LM (LoRA layers in place or not).
         tokenizer: the tokenizer the prompts are written with.
         forecast: generation settings (samples, temperature, top-p, grammar).
-        encoding: how series become text (decimals; ``scale_from``: see ``scale_of``).
+        encoding: how series become text (decimals; ``scale_from``: see ``data.prompts.scale_alphas``).
         compile: a static KV cache and a compiled per-token step (CUDA).
         flop_model: the model's FLOP model, so ``predict`` reports what generating cost.
         dataset_alpha: the training split's scale, for models trained with ``scale_from: dataset``.
@@ -208,6 +207,7 @@ class Forecaster:
         self.model, self.tokenizer, self.settings, self.encoding = model, tokenizer, forecast, encoding
         self.compile, self.flop_model, self.dataset_alpha = compile, flop_model, dataset_alpha
         self.variables = None if variables is None else tuple(variables)
+        self._planned: tuple[tuple, tuple[LLMTimeGrammar, GenerationShape]] | None = None
 
     @classmethod
     def from_module(cls, module, forecast: ForecastArgs | None = None) -> Forecaster:
@@ -292,8 +292,18 @@ class Forecaster:
         a trajectory too short to score is refused here, before anything is charged)."""
         horizon = self.horizon(batch) if horizon is None else horizon
         check_future(batch, horizon)
-        grammar = batch_grammar(self.tokenizer, batch, self.settings, self.encoding.decimals, horizon)
-        return generation_shape(batch["input_ids"], grammar, self.compile)
+        return self._plan(batch, horizon, self.settings)[1]
+
+    def _plan(self, batch: dict, horizon: int, settings: ForecastArgs) -> tuple[LLMTimeGrammar, GenerationShape]:
+        """A batch's grammar (fresh) and what generating it computes at most. The plan ``shape``
+        made for a batch (the budget's charge) is the one its generation then uses: built once."""
+        key = (batch["input_ids"], horizon, settings)
+        if self._planned is not None and all(a is b for a, b in zip(self._planned[0], key, strict=True)):
+            plan, self._planned = self._planned[1], None
+            return plan
+        grammar = batch_grammar(self.tokenizer, batch, settings, self.encoding.decimals, horizon)
+        self._planned = (key, (grammar, generation_shape(batch["input_ids"], grammar, self.compile)))
+        return self._planned[1]
 
     def __call__(
         self,
@@ -321,8 +331,8 @@ class Forecaster:
         """Generate and decode ``horizon`` steps after each left-padded prompt of ``batch``
         (``input_ids``, ``attention_mask``, (B, P, D) ``prompt`` and (B,) ``alpha``); ``before``
         sees what it will compute at most, first (and may refuse by raising)."""
-        grammar = batch_grammar(self.tokenizer, batch, settings, self.encoding.decimals, horizon)
-        shape = generation_shape(batch["input_ids"], grammar, self.compile)
+        grammar, shape = self._plan(batch, horizon, settings)
+        self._planned = None  # a grammar is used up by generating
         if before is not None:
             before(shape)
         generation = generate(
@@ -335,15 +345,6 @@ class Forecaster:
         return shape, generation, decode_forecasts(texts, alphas, prompts, horizon)
 
     # -- users' series -------------------------------------------------------------------------
-    def scale_of(self, context: np.ndarray) -> float:
-        """A context's LLMTIME scale: the training split's (``scale_from: dataset``, stored in the
-        checkpoint), else the context's own (all a forecast can see)."""
-        if self.encoding.scale_from != "dataset":
-            return scale_alpha(context)
-        if self.dataset_alpha is None:
-            raise ValueError("this model was trained with scale_from=dataset: pass alpha= (the training split's scale)")
-        return float(self.dataset_alpha)
-
     def predict(
         self,
         context,
@@ -359,7 +360,7 @@ class Forecaster:
     ) -> Prediction:
         """Forecast ``horizon`` steps after each context: a (T, D) or (N, T, D) array, a list of
         (T_i, D) arrays of different lengths (1-D: one variable; arrays take the adapter's variable
-        names) or a ``SeriesSet``. ``alpha`` overrides the scales (``scale_of``), ``num_samples``
+        names) or a ``SeriesSet``. ``alpha`` overrides the scales (``scale_alphas``), ``num_samples``
         the configured samples (1: greedy); ``before_batch`` sees each batch's FLOP bound before it
         runs (a budget's charge), ``after_batch`` its cost; ``progress``: a bar (on a terminal)."""
         series = context if isinstance(context, SeriesSet) else from_arrays(context, source="context")
@@ -374,7 +375,7 @@ class Forecaster:
             )
         values = series.values
         alphas = (
-            np.array([self.scale_of(v) for v in values])
+            scale_alphas(values, self.encoding, self.dataset_alpha, contexts=True)
             if alpha is None
             else np.broadcast_to(np.asarray(alpha, dtype=np.float64), (len(values),))
         )

@@ -1,1 +1,1 @@
-"""model"""
+"""The network: base model resolver, LoRA, loss, GGUF files, FLOP model, generation loop, checkpoints."""

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config
 
-from lit_llmtime.config import DEFAULT_MODEL, QWEN2_5_0_5B_CONFIG, LoRAArgs
+from lit_llmtime.config import DEFAULT_MODEL, LoRAArgs
+from lit_llmtime.model.configs import model_config as named_config
 from lit_llmtime.model.gguf import check_tokenizer_agrees, gguf_config, is_gguf, load_gguf_model
 from lit_llmtime.model.lora import apply_lora
 from lit_llmtime.text.codec import ALPHABET
@@ -28,7 +29,7 @@ def base_config(model_name_or_path: str, model_config: dict[str, Any] | None) ->
     if (fields := random_config(model_config)) is not None:
         return fields
     if model_name_or_path == DEFAULT_MODEL:
-        return QWEN2_5_0_5B_CONFIG
+        return named_config("qwen2.5-0.5b")
     if is_gguf(model_name_or_path):
         return gguf_config(model_name_or_path)
     return AutoConfig.from_pretrained(model_name_or_path)

@@ -97,6 +97,7 @@ class LLMTimeLoRA(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         self.budget_refused_batch = False  # set by FlopBudget: this batch is not paid for
         self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._forecaster: tuple[tuple, Forecaster] | None = None
         rows = llmtime_head_rows(self.tokenizer) if output_vocab == "llmtime" else None
         self.register_buffer("head_rows", rows, persistent=False)
 
@@ -205,8 +206,12 @@ class LLMTimeLoRA(L.LightningModule):
 
     @property
     def forecaster(self) -> Forecaster:
-        """This model's forecaster: the adapters are used as they are, never merged."""
-        return Forecaster.from_module(self)
+        """This model's forecaster (the adapters used as they are, never merged), made once per
+        device and forecast settings, so a batch's budget charge and its generation share one plan."""
+        key = (self.device, id(self.forecast), getattr(self, "dataset_alpha", None), getattr(self, "variables", None))
+        if self._forecaster is None or self._forecaster[0] != key:
+            self._forecaster = (key, Forecaster.from_module(self))
+        return self._forecaster[1]
 
     def generation_shape(self, batch: dict[str, torch.Tensor]) -> GenerationShape:
         """What forecasting this batch computes at most (the FLOP budget charges it beforehand):

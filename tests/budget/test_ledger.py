@@ -12,7 +12,7 @@ import pytest
 from lit_llmtime.app.cli import main
 from lit_llmtime.budget.ledger import Budget, Ledger, LedgerError
 
-QUICKSTART = str(Path(__file__).parents[1] / "configs/quickstart.yaml")
+QUICKSTART = str(Path(__file__).parents[2] / "configs/quickstart.yaml")
 MANUAL = {"event": "charge", "run_id": "manual", "kind": "train", "flops": 5e16, "steps": 1}
 
 

@@ -18,7 +18,7 @@ from lit_llmtime.app.sweep import Run, load_sweep, resolved, stage_runs
 from lit_llmtime.budget.ledger import Ledger
 from lit_llmtime.text.tokenizers import CHARACTER_TOKENIZER
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 @pytest.fixture

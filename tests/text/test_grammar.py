@@ -1,5 +1,5 @@
 """LLMTimeGrammar: hand-written prefixes, random and adversarial logits, K-column scores and the other
-modes (a real model generating under it: tests/test_forecast.py)."""
+modes (a real model generating under it: tests/model/test_generate.py)."""
 
 import re
 

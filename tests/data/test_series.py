@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import LEDGER
 
 from lit_llmtime.app.cli import main
 from lit_llmtime.budget.ledger import Ledger
@@ -121,17 +120,18 @@ def test_series_of_3_and_1_variables_train_and_forecast_through_the_cli_and_pyth
     write_config(run, data_path=f"series{suffix}", val_size=3, test_size=3, predict_indices=None,
                  forecast_validation={"trajectories": 2, "horizon": 3})  # fmt: skip
     main(["fit", *run, "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=2"])
-    (record,) = Ledger(LEDGER).records()
+    (record,) = Ledger(run.ledger).records()
     assert record["steps"] == 2 and np.isfinite(record["val_loss"])
     checkpoint = next(Path("checkpoints").rglob("last.ckpt"))
 
     main(["forecast", "--ckpt_path", str(checkpoint), "--input", f"series{suffix}", "--horizon", "4",
-          "--out", "out/forecasts.csv", "--context_steps", "50", "--ledger", LEDGER, "--device", "cpu"])  # fmt: skip
+          "--out", "out/forecasts.csv", "--context_steps", "50", "--ledger", run.ledger,
+          "--device", "cpu"])  # fmt: skip
     table = pd.read_csv("out/forecasts.csv")
     names = series.variables
     assert list(table.columns[:3]) == ["series_id", "time", names[0]] and f"{names[-1]}_0.9" in table.columns
     assert len(table) == 4 * len(series) and table[list(names)].notna().all().all()
-    forecast = next(r for r in Ledger(LEDGER).records() if r["stage"] == "forecast")
+    forecast = next(r for r in Ledger(run.ledger).records() if r["stage"] == "forecast")
     assert forecast["run_id"].startswith("forecasts/forecast/version_") and set(forecast) == set(record)  # as fit's
     assert forecast["config"]["lora_rank"] == record["config"]["lora_rank"] and forecast["config"]["horizon"] == 4
     summary = yaml.safe_load(Path("out/forecasts_metrics.json").read_text())
@@ -139,24 +139,24 @@ def test_series_of_3_and_1_variables_train_and_forecast_through_the_cli_and_pyth
     assert Path("out/forecasts_s0.png" if species == 3 else "out/forecasts_0.png").stat().st_size > 10_000
 
     if species == 3:  # a predict that would run past a series' end is refused before it is charged
-        spent = Ledger(LEDGER).total()
+        spent = Ledger(run.ledger).total()
         shortest = int(np.argmin(series.lengths))
         with pytest.raises(SystemExit, match=rf"trajectory {shortest} has {series.lengths[shortest] - 50} steps after"):
             main(["predict", *run, "--ckpt_path=last", f"--data.predict_indices=[{shortest}]",
                   "--model.forecast.horizon=60"])  # fmt: skip
-        assert Ledger(LEDGER).total() == spent
+        assert Ledger(run.ledger).total() == spent
 
     forecaster = Forecaster.from_checkpoint(checkpoint)
     same = forecaster.predict([v[:50] for v in series.values], horizon=4)  # what the command generated
     assert forecast["status"] == "finished" and forecast["flops"] == same.flops > 0  # charged, less the refund
     if species == 1:  # a budget that pays for the first of two batches: that batch is kept, at its cost
         first = forecaster.predict([v[:50] for v in series.values[:10]], horizon=4)
-        spent = Ledger(LEDGER).total()
+        spent = Ledger(run.ledger).total()
         with pytest.raises(SystemExit, match="FLOP budget: forecast's next batch needs .* FLOPs; .* left"):
             main(["forecast", "--ckpt_path", str(checkpoint), "--input", f"series{suffix}", "--horizon", "4",
-                  "--out", "out/cut.csv", "--context_steps", "50", "--ledger", LEDGER, "--batch_size", "10",
+                  "--out", "out/cut.csv", "--context_steps", "50", "--ledger", run.ledger, "--batch_size", "10",
                   f"--budget={spent + 1.5 * first.flops_bound}", "--device", "cpu"])  # fmt: skip
-        cut = next(r for r in Ledger(LEDGER).records() if r["name"] == "cut")
+        cut = next(r for r in Ledger(run.ledger).records() if r["name"] == "cut")
         assert cut["status"].startswith("refused: FLOP budget") and cut["flops"] == pytest.approx(first.flops)
         assert not Path("out/cut.csv").exists()  # nothing half-written
     contexts = [v[:k] for v, k in zip(series.values[:3], (50, 41, 60), strict=True)]  # a list of different lengths
@@ -211,34 +211,3 @@ def test_predict_df_continues_each_series_at_its_frequency(run):
     assert torch.is_grad_enabled()  # forecasting leaves the caller's autograd state alone
     with pytest.raises(ValueError, match=r"trained on 2 variables \('prey', 'predator'\); the context has 3"):
         forecaster.predict(np.ones((20, 3)), horizon=2)
-
-
-def test_a_forecast_settles_each_finished_batch_and_keeps_a_failed_ones_bound(tmp_path):
-    from types import SimpleNamespace
-
-    from conftest import TINY
-
-    from lit_llmtime.app.forecast_command import forecast_gate
-    from lit_llmtime.budget.gates import settled
-    from lit_llmtime.model.flops import FlopModel
-    from lit_llmtime.model.generate import GenerationShape
-
-    model = FlopModel(TINY)
-    shape = GenerationShape(rows=2, prompt_tokens=40, max_new_tokens=30, head_rows=14)
-    bound, actual = shape.flops(model), shape.flops(model, 12)  # a batch that wrote 12 of its 30 tokens
-    forecaster = SimpleNamespace(flop_model=model)
-    with settled(forecast_gate(forecaster, str(tmp_path / "a.jsonl"), 1e15, "done", {})) as gate:
-        assert gate.charge([bound], "a batch") == 1
-        gate.finished(bound, actual)
-    (record,) = Ledger(tmp_path / "a.jsonl").records()
-    assert record["status"] == "finished" and record["flops"] == pytest.approx(actual) and actual < bound
-    with (
-        pytest.raises(RuntimeError),
-        settled(forecast_gate(forecaster, str(tmp_path / "b.jsonl"), 1e15, "cut", {})) as gate,
-    ):
-        gate.charge([bound], "a batch")
-        gate.finished(bound, actual)
-        gate.charge([bound], "a batch")  # the second batch fails while it runs: its work may be done, its bound stays
-        raise RuntimeError("out of memory")
-    (record,) = Ledger(tmp_path / "b.jsonl").records()
-    assert record["status"] == "failed: RuntimeError" and record["flops"] == pytest.approx(actual + bound)

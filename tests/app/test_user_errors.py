@@ -8,7 +8,6 @@ from pathlib import Path
 
 import h5py
 import pytest
-from conftest import LEDGER
 
 from lit_llmtime.app.cli import main
 from lit_llmtime.budget.ledger import Ledger
@@ -31,7 +30,7 @@ def trained(run):
 
 def test_mistakes_with_a_checkpoint_are_one_line_and_spend_nothing(trained, caplog):
     run, checkpoint = trained
-    before = Path(LEDGER).read_bytes()
+    before = Path(run.ledger).read_bytes()
     Path("cut.ckpt").write_bytes(checkpoint.read_bytes()[:5000])
     assert fails(["validate", *run, "--ckpt_path=cut.ckpt"]).startswith(
         "lit-llmtime: error: cut.ckpt: not a readable checkpoint, truncated or not a checkpoint ("
@@ -47,7 +46,7 @@ def test_mistakes_with_a_checkpoint_are_one_line_and_spend_nothing(trained, capl
     assert fails(["predict", *run, "--data.predict_indices=[]"]) == (
         "lit-llmtime: error: data.predict_indices is empty: name at least one trajectory, or leave it out"
     )
-    assert Path(LEDGER).read_bytes() == before
+    assert Path(run.ledger).read_bytes() == before
     # A setting that says how to run the weights, not what they are: the user's wins, in one line.
     caplog.set_level("INFO")
     main(["validate", *run, f"--ckpt_path={checkpoint}", "--model.optim.learning_rate=0.5"])
@@ -56,7 +55,7 @@ def test_mistakes_with_a_checkpoint_are_one_line_and_spend_nothing(trained, capl
 
 def test_a_run_that_fails_before_setup_leaves_no_record_and_no_folder(run):
     assert fails(["fit", *run, "--data.data_path=missing.h5"]).startswith("lit-llmtime: error: missing.h5: data file")
-    assert not Path(LEDGER).exists() and list(Path("lightning_logs").iterdir()) == []  # no empty version_0
+    assert not Path(run.ledger).exists() and list(Path("lightning_logs").iterdir()) == []  # no empty version_0
 
 
 def test_negative_populations_are_refused_with_their_sample_and_step(run):
@@ -72,7 +71,7 @@ def test_negative_populations_are_refused_with_their_sample_and_step(run):
 
 def test_fit_does_not_need_a_forecast_setting_that_only_forecasting_uses(run):
     main(["fit", *run, "--trainer.max_steps=1", "--data.encoding.prompt_steps=100"])  # trajectories of 100 steps
-    (record,) = Ledger(LEDGER).records()
+    (record,) = Ledger(run.ledger).records()
     assert record["status"] == "finished" and record["steps"] == 1
     built = "random Qwen2 (hidden_size=16, num_hidden_layers=1, vocab_size=16, init_seed=0)"
     assert record["config"]["model_name_or_path"] == built  # not the Hub id it was not loaded from
@@ -82,7 +81,7 @@ def test_fit_does_not_need_a_forecast_setting_that_only_forecasting_uses(run):
 
 
 def test_a_refund_larger_than_the_charges_stops_a_run_with_its_line(run):
-    Path(LEDGER).write_text(json.dumps({"event": "charge", "run_id": "x", "kind": "predict", "flops": -1e9}) + "\n")
+    Path(run.ledger).write_text(json.dumps({"event": "charge", "run_id": "x", "kind": "predict", "flops": -1e9}) + "\n")
     assert fails(["fit", *run]).startswith("lit-llmtime: error: ledger.jsonl, line 1: not a ledger record (a refund")
     assert not Path("checkpoints").exists()  # the run never started
 

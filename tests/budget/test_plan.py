@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY
 
 from lit_llmtime.app.cli import main
 from lit_llmtime.app.run import resolve_run, run_identity
 from lit_llmtime.budget.ledger import Ledger
 from lit_llmtime.budget.plan import plan_evaluate, plan_fit, world_size
 from lit_llmtime.data.simulate import simulate, write_h5
+from lit_llmtime.model.configs import model_config
 from lit_llmtime.text.tokenizers import CHARACTER_TOKENIZER
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = Path(__file__).parents[2] / "configs"
 FINAL = ["--config", str(CONFIGS / "qwen2.5-0.5b/default.yaml"), "--config", str(CONFIGS / "qwen2.5-0.5b/final.yaml")]
 
 
@@ -26,7 +26,7 @@ def tiny_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_h5("lv.h5", *simulate(n=40, seed=3))
     config = yaml.safe_load((CONFIGS / "quickstart.yaml").read_text())
-    config["model"]["model_config"] = TINY
+    config["model"]["model_config"] = model_config("tiny-chars")
     config["data"].update(
         data_path="lv.h5", tokenizer=CHARACTER_TOKENIZER, simulate_if_missing=False, val_size=6, test_size=4,
         context_length=64,

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from lit_llmtime.config import QWEN2_5_0_5B_CONFIG
 from lit_llmtime.model.base import build_base_model
+from lit_llmtime.model.configs import model_config
 from lit_llmtime.model.lora import (
     LoRALinear,
     apply_lora,
@@ -16,15 +16,7 @@ from lit_llmtime.model.lora import (
     unmerge_lora,
 )
 
-TINY = dict(
-    vocab_size=300,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    tie_word_embeddings=True,
-)
+TINY = model_config("tiny-300")
 
 
 def tiny_model(dtype=torch.float32):
@@ -87,7 +79,7 @@ def test_only_lora_parameters_receive_gradients():
 
 def test_real_qwen2_5_config_rank_8_has_540672_trainable_parameters():
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN2_5_0_5B_CONFIG))
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**model_config("qwen2.5-0.5b")))
     assert sum(p.numel() for p in model.parameters()) == 494_032_768
     apply_lora(model, rank=8)
     assert count_trainable(model) == 540_672  # (8*896 + 896*8) + (8*896 + 128*8), times 24 layers

@@ -3,18 +3,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from lit_llmtime.config import QWEN2_5_0_5B_CONFIG
+from lit_llmtime.model.configs import model_config
 from lit_llmtime.model.flops import FlopModel, Ops, matmul
 
 # d=4, 1 layer, 2 query heads and 1 key/value head of width 2, MLP 8, vocabulary 10.
-TINY = dict(
-    hidden_size=4,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    intermediate_size=8,
-    vocab_size=10,
-)
+TINY = model_config("flops-by-hand")
 
 
 def test_table_1_costs_and_matmul():
@@ -63,25 +56,26 @@ def test_exact_accounting_by_hand():
 
 
 def test_coursework_anchors_from_the_report():
-    final = FlopModel(QWEN2_5_0_5B_CONFIG, lora_rank=8, accounting="coursework")
+    final = FlopModel(model_config("qwen2.5-0.5b"), lora_rank=8, accounting="coursework")
     assert final.train_step(4, 768) * 6000 == pytest.approx(6.224e16, rel=0.005)  # report: 6.23e16, 62.25%
-    default = FlopModel(QWEN2_5_0_5B_CONFIG, lora_rank=4, accounting="coursework")
+    default = FlopModel(model_config("qwen2.5-0.5b"), lora_rank=4, accounting="coursework")
     assert default.train_step(4, 512) * 600 == pytest.approx(4.06e15, rel=0.005)
 
 
 def test_monotonic_in_rank_and_context():
     for accounting in ("exact", "coursework"):
         by_rank = [
-            FlopModel(QWEN2_5_0_5B_CONFIG, lora_rank=r, accounting=accounting).forward(512) for r in (0, 2, 4, 8)
+            FlopModel(model_config("qwen2.5-0.5b"), lora_rank=r, accounting=accounting).forward(512)
+            for r in (0, 2, 4, 8)
         ]
         assert by_rank == sorted(by_rank) and len(set(by_rank)) == 4
-        model = FlopModel(QWEN2_5_0_5B_CONFIG, lora_rank=8, accounting=accounting)
+        model = FlopModel(model_config("qwen2.5-0.5b"), lora_rank=8, accounting=accounting)
         by_context = [model.forward(n) for n in (128, 512, 768)]
         assert by_context == sorted(by_context) and len(set(by_context)) == 3
 
 
 def test_kv_cache_generation_is_cheaper_and_consistent():
-    model = FlopModel(QWEN2_5_0_5B_CONFIG, lora_rank=8)
+    model = FlopModel(model_config("qwen2.5-0.5b"), lora_rank=8)
     cached, uncached = model.generation(500, 500), model.generation(500, 500, kv_cache=False)
     assert cached < uncached / 100
     # one new token is just the prefill, and each further token attends over one more position
@@ -93,7 +87,7 @@ def test_kv_cache_generation_is_cheaper_and_consistent():
 
 
 def test_breakdown_lists_every_component():
-    parts = FlopModel(QWEN2_5_0_5B_CONFIG, lora_rank=8, lm_head_bias=True).forward_breakdown(64)
+    parts = FlopModel(model_config("qwen2.5-0.5b"), lora_rank=8, lm_head_bias=True).forward_breakdown(64)
     assert set(parts) == {
         "embeddings", "positions", "rmsnorm", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
         "down_proj", "lora", "rope", "residual", "attention_scores", "softmax", "attention_values", "swiglu",
@@ -109,11 +103,13 @@ def test_matrix_multiplies_agree_with_torch_flop_counter():
     m*p per product (under 0.1% at these widths); it skips softmax, norms and element-wise work,
     which we compare against only the matrix-multiply part."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN2_5_0_5B_CONFIG), attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(
+            Qwen2Config(**model_config("qwen2.5-0.5b")), attn_implementation="eager"
+        )
     model = model.to_empty(device="cpu")  # real tensors with garbage values: FLOPs do not depend on them
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(input_ids=torch.zeros(1, 64, dtype=torch.long), use_cache=False)
-    parts = FlopModel(QWEN2_5_0_5B_CONFIG).forward_breakdown(64)
+    parts = FlopModel(model_config("qwen2.5-0.5b")).forward_breakdown(64)
     products = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
     ours = sum(parts[name].flops for name in products)
     ours += sum(parts[name].flops for name in ("attention_scores", "attention_values"))
@@ -124,7 +120,7 @@ def test_matrix_multiplies_agree_with_torch_flop_counter():
 
 
 def test_a_static_cache_is_attended_whole_by_the_prefill_and_every_step():
-    model = FlopModel(QWEN2_5_0_5B_CONFIG)
+    model = FlopModel(model_config("qwen2.5-0.5b"))
     static = model.generation(512, 20, cache_tokens=1280)
     assert static == model.forward(512, keys=1280, logits=1) + 19 * model.forward(1, keys=1280)
     assert static > model.generation(512, 20)  # the eager path attends only the keys written so far

@@ -2,7 +2,7 @@
 ``../shared/tools/offline-qwen-gguf``): the whole path on a model that has learned something.
 
     LIT_LLMTIME_GGUF=~/.cache/lit-llmtime/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf \\
-        .venv/bin/pytest -m real_model -s tests/test_real_model.py
+        .venv/bin/pytest -m real_model -s tests/forecasting/test_real_model.py
 
 Each test prints its figures and CPU time; benchmarks/README.md records a run. About 15 minutes on
 2 CPU cores (float32).

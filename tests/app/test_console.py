@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import warnings
 
-from conftest import BATCH, CONTEXT, TINY
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
 from lit_llmtime.app.cli import main
 from lit_llmtime.app.console import StepProgressBar
-from lit_llmtime.model.flops import FlopModel
 
 
 def test_the_console_counts_flops_and_steps_and_stays_quiet(run, caplog, capfd):
@@ -19,7 +17,7 @@ def test_the_console_counts_flops_and_steps_and_stays_quiet(run, caplog, capfd):
         main(["fit", *run, "--trainer.max_steps=3", "--trainer.enable_model_summary=true"])
         main(["predict", *run, "--ckpt_path=last", "--model.forecast.horizon=2",
               "--model.forecast.reference_forecasters=[persistence]"])  # fmt: skip
-    step = 3 * BATCH * FlopModel(TINY, lora_rank=8).forward(CONTEXT)
+    step = run.step_flops
     assert f"FLOPs per training step (the budget's FLOP model, all devices): {step:.4e}" in caplog.text
     said = caplog.text + capfd.readouterr().err + "\n".join(str(w.message) for w in caught)
     noises = ("Total FLOPs", "in eval mode", "The dirpath has changed", "Tip: For seamless", "LeafSpec", "Be aware")

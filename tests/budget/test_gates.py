@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import BATCH, CONTEXT, LEDGER, TINY
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_llmtime.app.cli import main
@@ -25,9 +24,7 @@ from lit_llmtime.budget.ledger import Budget, Ledger
 from lit_llmtime.io import UMASK, write_text_atomic
 from lit_llmtime.model.flops import FlopModel
 
-CONFIGS = Path(__file__).parents[1] / "configs"
-STEP = 3 * BATCH * FlopModel(TINY, lora_rank=8).forward(CONTEXT)  # one training batch of the tiny run
-FORWARD = BATCH * FlopModel(TINY, lora_rank=8).forward(CONTEXT)  # one validation batch
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 def spawn(args: list[str]) -> subprocess.Popen:
@@ -36,9 +33,9 @@ def spawn(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def wait_for_steps(steps: int, process: subprocess.Popen, timeout: float = 180) -> None:
+def wait_for_steps(steps: int, process: subprocess.Popen, ledger: str, timeout: float = 180) -> None:
     deadline = time.time() + timeout
-    while sum(r["steps"] for r in Ledger(LEDGER).records()) < steps:
+    while sum(r["steps"] for r in Ledger(ledger).records()) < steps:
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
         assert time.time() < deadline, "the run never got that far"
         time.sleep(0.02)
@@ -51,36 +48,36 @@ def checkpoint_step(path: str | Path) -> int:
 @pytest.mark.processes
 def test_kill_9_loses_no_paid_step_and_resume_continues_the_record(run):
     process = spawn(["fit", *run, "--trainer.max_steps=60"])
-    wait_for_steps(8, process)
+    wait_for_steps(8, process, run.ledger)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    (record,) = Ledger(LEDGER).records()
+    (record,) = Ledger(run.ledger).records()
     saved = checkpoint_step(next(Path("checkpoints").rglob("last.ckpt")))
     charged = record["steps"]
     assert saved <= charged <= saved + 1  # charged before computing, checkpointed after: within one step
-    assert record["flops"] == pytest.approx(charged * STEP, rel=1e-12)
+    assert record["flops"] == pytest.approx(charged * run.step_flops, rel=1e-12)
 
     main(["fit", *run, "--trainer.max_steps=60", "--ckpt_path=last"])
-    (resumed,) = Ledger(LEDGER).records()  # the same record, continued
+    (resumed,) = Ledger(run.ledger).records()  # the same record, continued
     recomputed = charged - saved  # the step that was paid for but not checkpointed ran twice
     assert resumed["run_id"] == record["run_id"] and resumed["steps"] == 60 + recomputed
-    assert resumed["flops"] == pytest.approx((60 + recomputed) * STEP, rel=1e-12)  # an uninterrupted run: 60
+    assert resumed["flops"] == pytest.approx((60 + recomputed) * run.step_flops, rel=1e-12)  # an uninterrupted run: 60
     assert resumed["status"] == "finished"
 
 
 @pytest.mark.processes
 def test_two_processes_on_one_ledger_never_pass_the_budget(run):
     k = 12
-    budget = [f"--flop_budget.budget={k * STEP * (1 + 1e-9)}", "--trainer.max_steps=100"]
+    budget = [f"--flop_budget.budget={k * run.step_flops * (1 + 1e-9)}", "--trainer.max_steps=100"]
     first = spawn(["fit", *run, *budget, "--trainer.logger.init_args.name=first"])
     second = spawn(["fit", *run, *budget, "--trainer.logger.init_args.name=second"])
     assert first.wait(timeout=300) == 0 and second.wait(timeout=300) == 0
-    records = Ledger(LEDGER).records()
+    records = Ledger(run.ledger).records()
     assert sorted(r["name"] for r in records) == ["first", "second"]
     assert sum(r["steps"] for r in records) == k  # together exactly the k steps the budget pays for
-    assert Ledger(LEDGER).total() <= k * STEP * (1 + 1e-9)
+    assert Ledger(run.ledger).total() <= k * run.step_flops * (1 + 1e-9)
     assert all(r["status"].startswith("stopped: budget") for r in records)
-    for line in Path(LEDGER).read_text().splitlines():  # every line whole
+    for line in Path(run.ledger).read_text().splitlines():  # every line whole
         json.loads(line)
 
 
@@ -94,7 +91,7 @@ print(sum(budget.charge(f"worker-{os.getpid()}", 1.0, "train", steps=1) for _ in
 
 @pytest.mark.processes
 def test_concurrent_charges_stop_exactly_at_the_budget(tmp_path):
-    path = str(tmp_path / LEDGER)  # 4 processes (the ledger alone, no Lightning) ask for 40 units each
+    path = str(tmp_path / "ledger.jsonl")  # 4 processes (the ledger alone, no Lightning) ask for 40 units each
     workers = [subprocess.Popen([sys.executable, "-c", CHARGE_UNITS, path], stdout=subprocess.PIPE) for _ in range(4)]
     granted = sum(int(worker.communicate(timeout=60)[0]) for worker in workers)
     assert granted == 50 and Ledger(path).total() == 50.0  # 160 asked, 50 granted, none lost
@@ -102,7 +99,7 @@ def test_concurrent_charges_stop_exactly_at_the_budget(tmp_path):
 
 @pytest.mark.processes
 def test_reservations_of_dead_processes_are_reclaimed(tmp_path):
-    path = tmp_path / LEDGER
+    path = tmp_path / "ledger.jsonl"
     reserve = "from lit_llmtime.budget.ledger import Budget; assert Budget({path!r}, 100.0).reserve({name!r}, 60.0)"
     subprocess.run([sys.executable, "-c", reserve.format(path=str(path), name="gone")], check=True)  # dies holding 60
     budget = Budget(path, 100.0)
@@ -131,10 +128,10 @@ def test_reservations_of_dead_processes_are_reclaimed(tmp_path):
 
 def test_budget_stop_checkpoints_and_validates_the_last_step(run):
     # validation of 2 batches every 3 steps, after a 2-batch sanity check; one pass stays reserved
-    budget = 2 * FORWARD + 7 * STEP + 2 * 2 * FORWARD + 2 * FORWARD
+    budget = 2 * run.forward_flops + 7 * run.step_flops + 2 * 2 * run.forward_flops + 2 * run.forward_flops
     main(["fit", *run, "--trainer.max_steps=100", "--trainer.limit_val_batches=2", "--trainer.val_check_interval=3",
           "--trainer.num_sanity_val_steps=2", f"--flop_budget.budget={budget * (1 + 1e-9)}"])  # fmt: skip
-    (record,) = Ledger(LEDGER).records()
+    (record,) = Ledger(run.ledger).records()
     assert record["steps"] == 7 and record["status"].startswith("stopped: budget (stopped after step 7")
     assert record["flops"] == pytest.approx(budget, rel=1e-12) and record["flops"] <= budget * (1 + 1e-9)
     assert checkpoint_step(next(Path("checkpoints").rglob("last.ckpt"))) == 7
@@ -146,7 +143,7 @@ def test_budget_stop_checkpoints_and_validates_the_last_step(run):
 
 def test_validate_refuses_and_predict_shrinks_when_the_ledger_is_full(run, capsys):
     main(["fit", *run, "--trainer.max_steps=2"])
-    spent = Ledger(LEDGER).total()
+    spent = Ledger(run.ledger).total()
     with pytest.raises(SystemExit) as refused:
         main(
             [
@@ -154,23 +151,23 @@ def test_validate_refuses_and_predict_shrinks_when_the_ledger_is_full(run, capsy
                 *run,
                 "--ckpt_path=last",
                 "--trainer.limit_val_batches=2",
-                f"--flop_budget.budget={spent + FORWARD}",
+                f"--flop_budget.budget={spent + run.forward_flops}",
             ]
         )
     assert "FLOP budget: validate needs" in str(refused.value)
-    assert Ledger(LEDGER).total() == spent  # nothing ran, nothing charged
+    assert Ledger(run.ledger).total() == spent  # nothing ran, nothing charged
 
     # predict 5 trajectories in batches of 2 (3 batches); the budget pays for 2 at their longest
-    bound = 2 * FlopModel(TINY, lora_rank=8).generation(prompt_length(run), 3 * 2 * 7, head_rows=14)
+    bound = 2 * FlopModel(run.model_config, lora_rank=8).generation(prompt_length(run), 3 * 2 * 7, head_rows=14)
     budget = spent + 2.2 * bound  # batches of 2, 2 and 1: the third does not fit
     main(["predict", *run, "--ckpt_path=last", "--model.forecast.horizon=3", "--data.predict_batch_size=2",
           "--model.forecast.reference_forecasters=[persistence]", f"--flop_budget.budget={budget}"])  # fmt: skip
     assert "Forecasts of 4 trajectories" in capsys.readouterr().out  # 2 batches of 2
     (written,) = Path("lightning_logs").rglob("predictions.npz")
     assert np.load(written)["index"].tolist() == [34, 35, 36, 37]
-    predict = next(r for r in Ledger(LEDGER).records() if r["stage"] == "predict")
+    predict = next(r for r in Ledger(run.ledger).records() if r["stage"] == "predict")
     assert predict["status"] == "shrunk: forecasting 2 of 3 batches (the budget pays for no more)"
-    assert spent < Ledger(LEDGER).total() <= budget
+    assert spent < Ledger(run.ledger).total() <= budget
 
 
 def prompt_length(run) -> int:
@@ -187,10 +184,10 @@ def prompt_length(run) -> int:
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_checkpoints_the_last_step_exits_non_zero_and_resume_continues(run, signum, code):
     process = spawn(["fit", *run, "--trainer.max_steps=60"])
-    wait_for_steps(6, process)
+    wait_for_steps(6, process, run.ledger)
     os.killpg(process.pid, signum)  # Ctrl-C reaches the whole process group too
     assert process.wait(timeout=60) == code
-    (record,) = Ledger(LEDGER).records()
+    (record,) = Ledger(run.ledger).records()
     saved = checkpoint_step(next(Path("checkpoints").rglob("last.ckpt")))
     name = signal.Signals(signum).name
     assert record["status"] == f"stopped: {name}" and saved == record["steps"]  # every paid step kept
@@ -198,8 +195,8 @@ def test_a_signal_checkpoints_the_last_step_exits_non_zero_and_resume_continues(
     if signum == signal.SIGINT:
         return  # resuming is the same for both
     main(["fit", *run, "--trainer.max_steps=60", "--ckpt_path=last"])
-    (resumed,) = Ledger(LEDGER).records()
-    assert resumed["steps"] == 60 and resumed["flops"] == pytest.approx(60 * STEP, rel=1e-12)
+    (resumed,) = Ledger(run.ledger).records()
+    assert resumed["steps"] == 60 and resumed["flops"] == pytest.approx(60 * run.step_flops, rel=1e-12)
 
 
 def test_ckpt_path_last_looks_where_this_run_saves(run, caplog):
@@ -233,14 +230,14 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_at_the_same_step(run):
     process = spawn(["fit", *run, "--trainer.max_steps=200", "--trainer.devices=2", "--trainer.strategy=ddp",
                      "--trainer.accelerator=cpu"])  # fmt: skip
     rank1 = rank_pid(process, 1)
-    wait_for_steps(3, process)
+    wait_for_steps(3, process, run.ledger)
     os.kill(rank1, signal.SIGTERM)  # the rank that is not rank 0 (Lightning's handler hung them all); the
     # signal that reaches every rank (a scheduler's) is the same flag set on each: test_a_signal_checkpoints...
     assert process.wait(timeout=120) == 143, process.stderr.read().decode()[-3000:]
-    (record,) = Ledger(LEDGER).records()
+    (record,) = Ledger(run.ledger).records()
     saved = checkpoint_step(next(Path("checkpoints").rglob("last.ckpt")))
     assert record["status"] == "stopped: SIGTERM" and saved == record["steps"] < 200
-    assert record["flops"] == pytest.approx(saved * 2 * STEP, rel=1e-12)  # both ranks stopped at one batch
+    assert record["flops"] == pytest.approx(saved * 2 * run.step_flops, rel=1e-12)  # both ranks stopped at one batch
 
 
 @pytest.mark.processes
@@ -249,10 +246,10 @@ def test_ddp_through_the_entry_point_validates_and_charges_the_global_count_once
                      "--trainer.accelerator=cpu", "--trainer.limit_val_batches=2",
                      "--trainer.val_check_interval=3"])  # fmt: skip
     assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-3000:]
-    (record,) = Ledger(LEDGER).records()
+    (record,) = Ledger(run.ledger).records()
     assert record["config"]["devices"] == 2 and record["steps"] == 3
     # both ranks' batches, counted once: 3 training steps and one validation pass of 2 batches per rank
-    assert record["flops"] == pytest.approx(3 * 2 * STEP + 2 * 2 * FORWARD, rel=1e-12)
+    assert record["flops"] == pytest.approx(3 * 2 * run.step_flops + 2 * 2 * run.forward_flops, rel=1e-12)
     assert checkpoint_step(next(Path("checkpoints").rglob("last.ckpt"))) == 3
     events = EventAccumulator(record["log_dir"])
     events.Reload()

@@ -7,7 +7,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import BATCH, CONTEXT, TINY
 
 from lit_llmtime.app.cli import main
 from lit_llmtime.budget.callback import FlopBudget
@@ -15,13 +14,16 @@ from lit_llmtime.budget.gates import SharedBudget
 from lit_llmtime.budget.ledger import Budget, Ledger, LedgerError
 from lit_llmtime.config import ForecastValidationArgs, LoRAArgs, OptimArgs
 from lit_llmtime.data.module import SeriesDataModule
+from lit_llmtime.model.configs import model_config
 from lit_llmtime.text.tokenizers import CHARACTER_TOKENIZER
 from lit_llmtime.training.module import LLMTimeLoRA
+
+CONTEXT, BATCH = 32, 2  # the tiny module's windows
 
 
 def make(data_path):
     """The conftest's tiny model (16-token character vocabulary) with rank-2 adapters, and its data."""
-    model = LLMTimeLoRA(model_config=TINY, tokenizer=CHARACTER_TOKENIZER, lora=LoRAArgs(rank=2),
+    model = LLMTimeLoRA(model_config=model_config("tiny-chars"), tokenizer=CHARACTER_TOKENIZER, lora=LoRAArgs(rank=2),
                         optim=OptimArgs(learning_rate=1e-3))  # fmt: skip
     data = SeriesDataModule(
         data_path=str(data_path), tokenizer=CHARACTER_TOKENIZER, context_length=CONTEXT, batch_size=BATCH,
@@ -127,7 +129,7 @@ def test_cli_refuses_a_run_when_the_ledger_is_spent(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert Budget("lightning_logs/quickstart/flop_ledger.jsonl", 1e17).charge("big", 1e17 - 1e6, "train")
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(Path(__file__).parents[1] / "configs/quickstart.yaml")])
+        main(["fit", "--config", str(Path(__file__).parents[2] / "configs/quickstart.yaml")])
     assert "FLOP budget: one training step of this run needs" in str(exit_info.value)
     assert "; 1.000e+06 of 1.000e+17 left (ledger lightning_logs/quickstart/flop_ledger.jsonl)" in str(exit_info.value)
     assert not (tmp_path / "data").exists()  # refused before the data or model were touched
@@ -157,7 +159,7 @@ def test_bad_ledger_is_a_clear_error(tmp_path):
 
 def test_flops_command_predicts_the_report_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    configs = Path(__file__).parents[1] / "configs"
+    configs = Path(__file__).parents[2] / "configs"
     final = [
         "--config",
         str(configs / "qwen2.5-0.5b/default.yaml"),

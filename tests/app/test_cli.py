@@ -47,3 +47,10 @@ def test_user_mistakes_exit_with_one_line(tmp_path, monkeypatch, args, message):
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert message in str(exit_info.value)
+
+
+def test_encode_check_writes_figure_one(small_h5, tmp_path, capsys):
+    out = tmp_path / "check.png"
+    main(["encode-check", "--index", "3", "--data", str(small_h5), "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert "max |decoded - original|" in capsys.readouterr().out

