@@ -93,7 +93,7 @@ class SeriesDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        data_path: str,
+        data_path: str | None = None,
         tokenizer: str = DEFAULT_TOKENIZER,
         encoding: EncodingArgs = EncodingArgs(),  # noqa: B008 (jsonargparse reads the group from it)
         context_length: int = 512,
@@ -131,9 +131,15 @@ class SeriesDataModule(L.LightningDataModule):
         self.val_stride = val_stride or context_length
         self.datasets: dict[str, Dataset] = {}
 
+    @property
+    def data_path(self) -> str:
+        if self.hparams.data_path is None:
+            raise ValueError("data.data_path is not set: name the data file (.h5, .npy, .csv or .parquet)")
+        return self.hparams.data_path
+
     def prepare_data(self) -> None:
         """Simulate the data file once (rank 0 only) if it is missing and that is allowed."""
-        path = Path(self.hparams.data_path)
+        path = Path(self.data_path)
         if not path.is_file() and self.hparams.simulate_if_missing:
             from lit_llmtime.data.simulate import simulate, write_simulation
 
@@ -154,7 +160,7 @@ class SeriesDataModule(L.LightningDataModule):
     def _setup_windows(self) -> None:
         """Every split's token windows; checks that one time step fits in a window."""
         hp = self.hparams
-        self.series: SeriesSet = load_series(hp.data_path, hp.id_column, hp.time_column, hp.target)
+        self.series: SeriesSet = load_series(self.data_path, hp.id_column, hp.time_column, hp.target)
         values, self.variables, self.time = self.series.values, self.series.variables, self.series.common_time()
         self.splits = split_indices(len(values), hp.val_size, hp.test_size, hp.seed)
         self.tokenizer = load_tokenizer(hp.tokenizer)

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config
 
 from lit_llmtime.config import DEFAULT_MODEL, LoRAArgs
+from lit_llmtime.hub import load_from_hub
 from lit_llmtime.model.configs import model_config as named_config
 from lit_llmtime.model.gguf import check_tokenizer_agrees, gguf_config, is_gguf, load_gguf_model
 from lit_llmtime.model.lora import apply_lora
@@ -32,7 +33,7 @@ def base_config(model_name_or_path: str, model_config: dict[str, Any] | None) ->
         return named_config("qwen2.5-0.5b")
     if is_gguf(model_name_or_path):
         return gguf_config(model_name_or_path)
-    return AutoConfig.from_pretrained(model_name_or_path)
+    return load_from_hub(AutoConfig.from_pretrained, model_name_or_path)
 
 
 def build_base_model(
@@ -57,7 +58,7 @@ def build_base_model(
         if tokenizer is not None:
             check_tokenizer_agrees(model_name_or_path, load_tokenizer(tokenizer))
         return load_gguf_model(model_name_or_path, dtype)
-    return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype)
+    return load_from_hub(AutoModelForCausalLM.from_pretrained, model_name_or_path, dtype=dtype)
 
 
 def build_model(

@@ -18,7 +18,15 @@ def qwen2(vocab: int, hidden: int, mlp: int, layers: int, heads: int, kv_heads: 
 CONFIGS: dict[str, dict[str, Any]] = {
     # Qwen2.5-0.5B-Instruct's config.json (its architecture; the weights come from the Hub or a file)
     "qwen2.5-0.5b": qwen2(
-        151936, 896, 4864, 24, 14, 2, max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        151936,
+        896,
+        4864,
+        24,
+        14,
+        2,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
         tie_word_embeddings=True,
     ),
     # 16 wide on the 16-token character tokenizer, where token ids do not matter (the real

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from lit_llmtime.hub import load_from_hub
 from lit_llmtime.text.codec import ALPHABET
 
 DEFAULT_TOKENIZER = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -54,7 +55,7 @@ def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER) -> PreTrainedTokenizer
         return character_tokenizer()
     if name_or_path == OFFLINE_TOKENIZER:
         name_or_path = offline_tokenizer_path()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer = load_from_hub(AutoTokenizer.from_pretrained, name_or_path, "tokenizer", "--data.tokenizer")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
