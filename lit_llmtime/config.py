@@ -123,7 +123,12 @@ class ForecastArgs:
         top_p: nucleus sampling threshold (``num_samples > 1``).
         constrained: ``grammar`` (every step is one number per variable, ``x,y;``, with the encoding's decimals,
             so every step parses), ``alphabet`` (only LLMTIME characters) or ``none``.
-        max_integer_digits: integer digits a generated number may have under ``grammar``.
+        max_integer_digits: integer digits a generated number may have under ``grammar`` (an outer
+            limit; ``max_prompt_multiple`` is the one that bites).
+        max_prompt_multiple: under ``grammar``, a generated value may reach at most this multiple of
+            the largest (absolute, scaled) value in its series' prompt; None: only
+            ``max_integer_digits`` bounds it. Real trajectories' later peaks reach up to 1.96x their
+            prompt's largest value (1.37x at the 95th percentile), so 3 leaves them room.
         reference_forecasters: classical forecasters run on the same prompts and scored on the
             same steps (``persistence``, ``lotka_volterra``).
         compile: ``auto`` (on CUDA), ``on`` or ``off``: a preallocated KV cache and a per-token step
@@ -137,6 +142,7 @@ class ForecastArgs:
     top_p: float = 0.9
     constrained: Literal["grammar", "alphabet", "none"] = "grammar"
     max_integer_digits: int = 3
+    max_prompt_multiple: float | None = 3.0
     reference_forecasters: list[str] = field(default_factory=lambda: list(REFERENCE_FORECASTERS))
     compile: Literal["auto", "on", "off"] = "auto"
     forecast_steps: int | None = None
@@ -149,6 +155,8 @@ class ForecastArgs:
             raise ValueError(
                 f"forecast.horizon and forecast.num_samples must be >= 1, got {self.horizon} and {self.num_samples}"
             )
+        if self.max_prompt_multiple is not None and not self.max_prompt_multiple > 0:
+            raise ValueError(f"forecast.max_prompt_multiple must be > 0 or null, got {self.max_prompt_multiple}")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ValueError(
                 f"forecast.temperature must be > 0 and forecast.top_p in (0, 1], got {self.temperature}, {self.top_p}"

@@ -66,7 +66,16 @@ def batch_grammar(
         n_variables=batch["prompt"].shape[-1],
         mode=forecast.constrained,
         device=batch["input_ids"].device,
+        max_values=None if forecast.max_prompt_multiple is None else largest_values(batch, forecast),
     )
+
+
+def largest_values(batch: dict, forecast: ForecastArgs) -> torch.Tensor:
+    """Per generated row (prompt by prompt, ``num_samples`` each): the most a value may reach,
+    ``max_prompt_multiple`` times the largest absolute scaled value of its prompt."""
+    prompt = torch.nan_to_num(batch["prompt"].abs().double(), nan=0.0)  # prompts are left-padded with NaN
+    largest = prompt.amax(dim=(1, 2)) / batch["alpha"].double().cpu()
+    return (forecast.max_prompt_multiple * largest).repeat_interleave(forecast.num_samples)
 
 
 def generation_shape(input_ids: torch.Tensor, grammar: LLMTimeGrammar, static: bool) -> GenerationShape:

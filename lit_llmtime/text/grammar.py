@@ -34,6 +34,7 @@ class LLMTimeGrammar:
         n_variables: int = 2,
         mode: Literal["grammar", "alphabet", "none"] = "grammar",
         device: torch.device | str | None = None,
+        max_values: torch.Tensor | list[float] | None = None,
     ) -> None:
         if mode not in ("grammar", "alphabet", "none"):
             raise ValueError(f"mode must be 'grammar', 'alphabet' or 'none', got {mode!r}")
@@ -60,6 +61,10 @@ class LLMTimeGrammar:
             allow_negative + max_integer_digits + (decimals + 1 if decimals else 0) + 1
         )
         self.state = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.bound = None
+        if mode == "grammar" and max_values is not None:
+            self.bound = ValueBound(max_values, decimals, _step_table_places(decimals, max_integer_digits, n_variables),
+                                    batch_size, device)  # fmt: skip
 
     def _tile(self, rows: list[dict[str, int]], device) -> tuple[torch.Tensor, torch.Tensor]:
         """(transition, allowed) over all states from the one-step table ``rows`` (char -> next local state)."""
@@ -80,7 +85,10 @@ class LLMTimeGrammar:
 
     def allowed(self) -> torch.BoolTensor:
         """(batch, K): which of ``token_ids`` each sequence may write next."""
-        return self.allowed_table[self.state]
+        allowed = self.allowed_table[self.state]
+        if self.bound is not None:
+            allowed[:, : len(DIGITS)] &= self.bound.digits_allowed(self.state % self.step_states)
+        return allowed
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
         """``scores`` (batch, V) over the vocab or (batch, K) over ``token_ids``, -inf where not allowed."""
@@ -95,7 +103,10 @@ class LLMTimeGrammar:
 
     def advance(self, tokens: torch.LongTensor) -> None:
         """Move each sequence on by the vocab id (batch,) it just wrote."""
-        self.state = self.transition[self.state, self.column[tokens.clamp(0, len(self.column) - 1)]]
+        column = self.column[tokens.clamp(0, len(self.column) - 1)]
+        if self.bound is not None:
+            self.bound.advance(self.state % self.step_states, column, self.chars)
+        self.state = self.transition[self.state, column]
 
     @property
     def finished(self) -> torch.BoolTensor:
@@ -146,3 +157,81 @@ def _step_table(decimals: int, max_integer_digits: int, allow_negative: bool, n_
         for j in range(fraction_states):  # after "." and j decimals
             rows.append({d: fraction + j + 1 for d in DIGITS} if j < decimals else separator)
     return rows
+
+
+def _step_table_places(decimals: int, max_integer_digits: int, n_variables: int) -> tuple[list[int], list[int]]:
+    """For each state of one step (``_step_table``'s order): the integer digits its number has so far
+    (-1 past them) and the decimals it has so far (-1 before the ".")."""
+    fraction_states = decimals + 1 if decimals else 0
+    integer = [0, 0, 1, *range(1, max_integer_digits + 1), *[-1] * fraction_states]  # start, "-", "0", k digits
+    fraction = [-1] * (3 + max_integer_digits) + list(range(fraction_states))
+    return integer * n_variables, fraction * n_variables
+
+
+class ValueBound:
+    """Keeps every number a row writes at most its bound in absolute value (its series' largest
+    scaled prompt value times a multiple), digit by digit: a number with fewer integer digits than
+    the bound is below it; one with as many compares its digits with the bound's as they come.
+
+    Per row it tracks, for the number being written, how its integer digits so far compare with the
+    bound's first as many (less, equal, greater: they may still end a shorter, smaller number) and,
+    in its decimals, whether it still equals the bound so far (then no decimal may exceed the bound's)."""
+
+    LESS, EQUAL, GREATER = 0, 1, 2
+
+    def __init__(self, max_values, decimals: int, places: tuple[list[int], list[int]], rows: int, device) -> None:
+        values = torch.as_tensor(max_values, dtype=torch.float64).flatten().cpu()
+        if len(values) != rows or not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+            raise ValueError(f"max_values must be {rows} finite values >= 0, got {values.tolist()}")
+        scaled = torch.floor(values * 10**decimals + 1e-6).long()  # the bound on the written digits' grid
+        integer_part, fraction_part = scaled // 10**decimals, scaled % 10**decimals
+        texts = [str(int(v)) for v in integer_part]
+        width = max(len(text) for text in texts)
+        self.integer_digits = torch.tensor([len(text) for text in texts], device=device)  # (rows,)
+        self.integer = torch.tensor([[int(c) for c in text.ljust(width, "0")] for text in texts], device=device)
+        self.fraction = torch.tensor(
+            [[int(c) for c in str(int(v)).zfill(decimals)] if decimals else [] for v in fraction_part], device=device
+        ).reshape(rows, decimals)
+        self.integer_places, self.fraction_places = (torch.tensor(p, device=device) for p in places)
+        self.compare = torch.full((rows,), self.EQUAL, device=device)
+        self.tight = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.rows = torch.arange(rows, device=device)
+        self.digit_values = torch.arange(10, device=device)
+
+    def digits_allowed(self, local: torch.Tensor) -> torch.BoolTensor:
+        """(rows, 10): the digits each row may write next without passing its bound."""
+        written, decimal = self.integer_places[local], self.fraction_places[local]
+        allowed = torch.ones(len(local), 10, dtype=torch.bool, device=local.device)
+        # an integer digit: free while the number stays shorter than the bound, compared at its length
+        last = written + 1 == self.integer_digits
+        bound_digit = self.integer[self.rows, written.clamp(0, self.integer.shape[1] - 1)]
+        at_length = (self.compare == self.LESS)[:, None] | (
+            (self.compare == self.EQUAL)[:, None] & (self.digit_values[None] <= bound_digit[:, None])
+        )
+        integer_ok = torch.where(last[:, None], at_length, (written + 1 < self.integer_digits)[:, None])
+        allowed = torch.where((written >= 0)[:, None], integer_ok, allowed)
+        if self.fraction.shape[1]:  # a decimal: at most the bound's while the number equals it so far
+            place = decimal.clamp(0, self.fraction.shape[1] - 1)
+            under = self.digit_values[None] <= self.fraction[self.rows, place][:, None]
+            allowed = torch.where(((decimal >= 0) & self.tight)[:, None], under, allowed)
+        return allowed
+
+    def advance(self, local: torch.Tensor, column: torch.Tensor, chars: list[str]) -> None:
+        """Update the comparison with what each row just wrote (``column`` of ``chars``) from ``local``."""
+        written, decimal = self.integer_places[local], self.fraction_places[local]
+        digit = column < 10
+        value = column.clamp(max=9)
+        bound_digit = self.integer[self.rows, written.clamp(0, self.integer.shape[1] - 1)]
+        compared = torch.where(
+            value < bound_digit, self.LESS, torch.where(value == bound_digit, self.EQUAL, self.GREATER)
+        )
+        integer_digit = digit & (written >= 0) & (self.compare == self.EQUAL)
+        self.compare = torch.where(integer_digit, compared, self.compare)
+        if self.fraction.shape[1]:
+            bound_decimal = self.fraction[self.rows, decimal.clamp(0, self.fraction.shape[1] - 1)]
+            self.tight &= ~(digit & (decimal >= 0)) | (value == bound_decimal)
+        point = column == chars.index(".")
+        self.tight = torch.where(point, (written == self.integer_digits) & (self.compare == self.EQUAL), self.tight)
+        separator = (column == chars.index(",")) | (column == chars.index(";"))
+        self.compare = torch.where(separator, torch.full_like(self.compare, self.EQUAL), self.compare)
+        self.tight &= ~separator

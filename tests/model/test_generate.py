@@ -165,3 +165,24 @@ def test_every_step_is_scored_with_the_stated_rule():
     assert scores["x0"]["mse"] == pytest.approx(np.mean((np.array(expected)[:, 0] - truth[:, 0]) ** 2))
     with pytest.raises(ValueError, match="NaN steps"):
         score(truth, np.full((5, 2), np.nan), prompts[0])
+
+
+def test_forecasts_stay_within_the_multiple_of_their_prompts_largest_value(random_model, tokenizer, prompts):
+    from lit_llmtime.config import ForecastArgs
+    from lit_llmtime.model.generate import batch_grammar, largest_values
+
+    settings = ForecastArgs(horizon=6, max_prompt_multiple=1.5, num_samples=2, temperature=3.0)
+    unbounded = batch_grammar(tokenizer, prompts, ForecastArgs(horizon=6, max_prompt_multiple=None, num_samples=2), 2)
+    assert unbounded.bound is None
+    bounds = largest_values(prompts, settings)
+    scaled = [np.nanmax(np.abs(p.numpy())) / a for p, a in zip(prompts["prompt"], prompts["alpha"], strict=True)]
+    np.testing.assert_allclose(bounds.numpy(), np.repeat(1.5 * np.array(scaled), 2))
+    grammar = batch_grammar(tokenizer, prompts, settings, decimals=2)
+    generation = generate(
+        random_model, prompts["input_ids"], prompts["attention_mask"], grammar, 6 * grammar.max_step_tokens,
+        num_samples=2, temperature=3.0, generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    texts = tokenizer.batch_decode(generation.tokens, skip_special_tokens=True)
+    for text, bound in zip(texts, bounds.tolist(), strict=True):
+        values = decode(text, alpha=1.0, steps=6).values
+        assert np.all(np.abs(values) <= bound + 1e-9) and not np.isnan(values).any()

@@ -253,3 +253,48 @@ class SplittingTokenizer:
 def test_bad_arguments(tokenizer, tokenizer_, kwargs, message):
     with pytest.raises(ValueError, match=message):
         LLMTimeGrammar(tokenizer_ or tokenizer, **({"batch_size": 2, "steps": 2} | kwargs))
+
+
+def accepts(grammar: LLMTimeGrammar, tokenizer, text: str, row: int = 0) -> bool:
+    """Whether ``grammar`` lets row ``row`` write ``text`` (every row writes it)."""
+    for char in text:
+        if char not in allowed_chars(grammar, row):
+            return False
+        write(grammar, tokenizer, char)
+    return True
+
+
+@pytest.mark.parametrize(
+    "text, ok",
+    [
+        ("12.34,0.00;", True),  # the bound itself
+        ("12.35,", False),  # one hundredth above
+        ("13", False),  # the second integer digit already passes it
+        ("9.99,12.34;", True),
+        ("99", False),
+        ("123", False),
+        ("0.50,11.99;", True),
+        ("-12.34,-3.10;", True),  # a magnitude, either sign
+        ("-12.4", False),
+    ],
+)
+def test_values_are_bounded_by_a_multiple_of_the_prompts_largest(tokenizer, text, ok):
+    grammar = LLMTimeGrammar(tokenizer, 1, steps=1, allow_negative=True, max_values=[12.34])
+    assert accepts(grammar, tokenizer, text) == ok
+
+
+def test_the_bound_is_per_row_and_holds_for_any_walk(tokenizer):
+    bounds = [0.07, 3.0, 12.34, 150.5, 999.99]
+    grammar = LLMTimeGrammar(tokenizer, len(bounds), steps=40, max_values=bounds)
+    generator = torch.Generator().manual_seed(0)
+    texts = [""] * len(bounds)
+    while not bool(grammar.stopped.all()):  # random allowed tokens: every walk the grammar lets through
+        scores = torch.rand(len(bounds), len(grammar.token_ids), generator=generator)
+        chosen = grammar.mask(scores).argmax(-1)
+        grammar.advance(grammar.token_ids[chosen])
+        texts = [t + grammar.chars[c] for t, c in zip(texts, chosen.tolist(), strict=True)]
+    for text, bound in zip(texts, bounds, strict=True):
+        values = [float(v) for step in text.split(";")[:-1] for v in step.split(",")]
+        assert len(values) == 80 and max(values) <= bound and max(values) > bound / 20  # bounded, not squashed
+    with pytest.raises(ValueError, match="max_values must be 5 finite values"):
+        LLMTimeGrammar(tokenizer, 5, steps=1, max_values=[1.0, 2.0])
