@@ -21,6 +21,16 @@ from lit_llmtime.text.tokenizers import CHARACTER_TOKENIZER
 CONFIGS = Path(__file__).parents[2] / "configs"
 
 
+def in_process(command: list[str]) -> int:
+    """A sweep's ``python -m lit_llmtime.app.cli ...`` run in this process; its exit code."""
+    assert command[1:3] == ["-m", "lit_llmtime.app.cli"]
+    try:
+        main(command[3:])
+    except SystemExit as exit_:
+        return 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+    return 0
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """The shipped configs in a scratch folder, the quickstart model on the 16-token character
@@ -74,7 +84,8 @@ def test_sweep_file_errors(workdir, content, message):
 
 @pytest.mark.processes
 @pytest.mark.slow
-def test_offline_study_runs_to_the_end_and_reports(workdir):
+def test_offline_study_runs_to_the_end_and_reports(workdir, monkeypatch):
+    monkeypatch.setattr("lit_llmtime.app.sweep.run_child", in_process)  # the process boundary: the SIGTERM test
     study = Path("configs/quickstart-study.yaml")  # the shipped study, one learning rate (2 runs less)
     text = study.read_text()
     assert "learning_rate: [0.005, 0.02]" in text and "budget: 1.8e+12" in text
@@ -129,7 +140,7 @@ def test_sigterm_to_a_sweep_keeps_its_run_and_the_sweep_again_finishes_only_what
     spec = {
         "name": "term", "base": "configs/quickstart.yaml", "ledger": "term.jsonl",
         "overrides": {
-            "trainer.max_steps": 40, "trainer.limit_val_batches": 0, "trainer.num_sanity_val_steps": 0,
+            "trainer.max_steps": 20, "trainer.limit_val_batches": 0, "trainer.num_sanity_val_steps": 0,
             "trainer.enable_progress_bar": False, "data.context_length": 32, "data.forecast_validation.trajectories": 0,
         },
         "stages": [{"name": "grid", "grid": {"model.lora.rank": [2, 8]}}],
@@ -158,7 +169,7 @@ def test_sigterm_to_a_sweep_keeps_its_run_and_the_sweep_again_finishes_only_what
     main(["sweep", "--config", "term.yaml"])  # the finished run is skipped, the stopped one resumed
     again_first, again_second = Ledger("term.jsonl").records()
     assert again_first == first and [p.name for p in Path("checkpoints/term-grid-rank=2").iterdir()] == ["version_0"]
-    assert again_second["status"] == "finished" and again_second["steps"] == 40  # resumed, not restarted
+    assert again_second["status"] == "finished" and again_second["steps"] == 20  # resumed, not restarted
     assert again_second["started"] == second["started"]
 
 

@@ -21,6 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lit_llmtime.app.cli import main
 from lit_llmtime.app.run import AtomicCheckpointIO
 from lit_llmtime.budget.ledger import Budget, Ledger
+from lit_llmtime.forecasting.evaluation import load_npz
 from lit_llmtime.io import UMASK, write_text_atomic
 from lit_llmtime.model.flops import FlopModel
 
@@ -241,7 +242,7 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_at_the_same_step(run):
 
 
 @pytest.mark.processes
-def test_ddp_through_the_entry_point_validates_and_charges_the_global_count_once(run):
+def test_ddp_through_the_entry_point_validates_charges_the_global_count_once_and_predicts(run):
     process = spawn(["fit", *run, "--trainer.max_steps=3", "--trainer.devices=2", "--trainer.strategy=ddp",
                      "--trainer.accelerator=cpu", "--trainer.limit_val_batches=2",
                      "--trainer.val_check_interval=3"])  # fmt: skip
@@ -256,6 +257,17 @@ def test_ddp_through_the_entry_point_validates_and_charges_the_global_count_once
     assert [e.step for e in events.Scalars("val/loss")] == [2] and events.Scalars("val/loss")[0].value == pytest.approx(
         record["val_loss"]
     )
+    # predict on the same two processes: the sampler's padding duplicate dropped, the ranks' files merged once
+    process = spawn(["predict", *run, "--ckpt_path=last", "--trainer.devices=2", "--trainer.strategy=ddp",
+                     "--trainer.accelerator=cpu", "--model.forecast.horizon=3",
+                     "--model.forecast.reference_forecasters=[persistence]"])  # fmt: skip
+    assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-3000:]
+    (written_path,) = Path("lightning_logs").rglob("predictions.npz")
+    assert load_npz(written_path)["index"].tolist() == [34, 35, 36, 37, 38] and not list(
+        written_path.parent.glob("rank*")
+    )
+    predict = next(r for r in Ledger(run.ledger).records() if r["stage"] == "predict")
+    assert predict["status"] == "finished" and predict["config"]["devices"] == 2 and predict["flops"] > 0
 
 
 def test_written_files_keep_normal_permissions(tmp_path):

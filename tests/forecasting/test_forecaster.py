@@ -80,23 +80,3 @@ def test_predict_through_the_cli_writes_everything(small_h5, tmp_path, monkeypat
             assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     (record,) = Ledger("lightning_logs/quickstart/flop_ledger.jsonl").records()
     assert record["stage"] == "predict" and record["flops"] == pytest.approx(written["flops"]) and record["flops"] > 0
-
-
-@pytest.mark.processes
-def test_predict_on_two_processes_merges_once(small_h5, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    config = str(Path(__file__).parents[2] / "configs" / "quickstart.yaml")
-    lightning_cli(
-        [
-            "predict", "--config", config, f"--data.data_path={small_h5}", "--data.val_size=6",
-            "--data.test_size=4", "--data.predict_indices=[1, 2, 3, 4, 5]", "--data.batch_size=2",
-            "--data.encoding.prompt_steps=20", "--model.forecast.horizon=3",
-            "--model.forecast.reference_forecasters=[persistence]",
-            "--trainer.enable_progress_bar=false", "--trainer.devices=2", "--trainer.strategy=ddp_spawn",
-        ]
-    )  # fmt: skip
-    (written_path,) = Path("lightning_logs").rglob("predictions.npz")  # spawned ranks choose the version
-    folder = written_path.parent
-    written = load_npz(written_path)
-    assert written["index"].tolist() == [1, 2, 3, 4, 5]  # the sampler's padding duplicate is dropped
-    assert not list(folder.glob("rank*.npz"))
