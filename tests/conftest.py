@@ -50,8 +50,10 @@ def run(tmp_path, monkeypatch) -> TinyRun:
     the ledger ``ledger.jsonl``."""
     monkeypatch.chdir(tmp_path)
     write_h5("lv.h5", *simulate(n=40, seed=3))
-    config = yaml.safe_load((Path(__file__).parents[1] / "configs/quickstart.yaml").read_text())
+    config = yaml.safe_load((Path(__file__).parent / "tiny-qwen.yaml").read_text())
     config["model"]["model_config"] = TinyRun.model_config
+    config["model"]["lora"] = {"rank": TinyRun.lora_rank, "targets": ["q_proj", "v_proj"]}
+    config["data"]["encoding"] = {"decimals": 2}
     config["data"].update(
         data_path="lv.h5", tokenizer=CHARACTER_TOKENIZER, simulate_if_missing=False, val_size=6, test_size=4,
         context_length=TinyRun.context, batch_size=TinyRun.batch,
@@ -63,6 +65,18 @@ def run(tmp_path, monkeypatch) -> TinyRun:
     )  # fmt: skip
     config["checkpoint"] = {"every_n_train_steps": 1, "save_last": True, "save_top_k": 0, "monitor": None}
     config["flop_budget"] = {"ledger": TinyRun.ledger}
-    assert config["model"]["lora"]["rank"] == TinyRun.lora_rank
     Path("tiny.yaml").write_text(yaml.safe_dump(config))
     return TinyRun(["--config", "tiny.yaml"])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_worker():
+    """Under pytest-xdist (``-n 2``) each worker computes on one thread: two workers of two threads
+    each on two cores would only take turns."""
+    import os
+
+    import torch
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+    yield

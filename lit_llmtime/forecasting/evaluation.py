@@ -176,6 +176,12 @@ def write_forecast_outputs(folder: str | Path, predictions: dict[str, Any], logg
     return summary
 
 
+LOTKA_VOLTERRA_NOTE = (
+    "lotka_volterra fits the equations lit-llmtime simulate integrates: exact on simulated data, "
+    "the bar to reach on real data"
+)
+
+
 def summary_lines(
     summary: dict[str, Any], metrics: Path, figures: list[Path], also: str = "metrics.json, predictions.npz"
 ) -> str:
@@ -193,6 +199,8 @@ def summary_lines(
     for name, mean in rows.items():
         cells = [mean[v][m] for v in variables for m in ("mae", "mase", "r2")]
         lines.append(f"  {name:16s} " + " ".join(f"{value:{w}.4f}" for value, w in zip(cells, widths, strict=True)))
+    if "lotka_volterra" in rows:
+        lines.append(f"  ({LOTKA_VOLTERRA_NOTE})")
     lines.append(f"metrics: {metrics} (and {also})")
     lines.append("figures: " + (", ".join(str(f) for f in figures[:4]) + (" ..." if len(figures) > 4 else "")))
     return "\n".join(lines)

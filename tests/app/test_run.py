@@ -15,7 +15,7 @@ def test_a_config_naming_the_old_data_class_path_still_runs(tmp_path, capsys):
     old = {"class_path": "lit_llmtime.data.LotkaVolterraDataModule", "init_args": {"batch_size": 3}}
     (tmp_path / "old.yaml").write_text(yaml.safe_dump({"data": old}))
     config = resolve_run(["fit", "--config", QUICKSTART, "--config", str(tmp_path / "old.yaml")])
-    assert config.data.batch_size == 3 and config.data.context_length == 128  # the rest from the quickstart
+    assert config.data.batch_size == 3 and config.data.context_length == 1024  # the rest from the quickstart
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
     assert "data.class_path lit_llmtime.data.LotkaVolterraDataModule is deprecated" in line
     new = {"class_path": "lit_llmtime.data.SeriesDataModule", "init_args": {"batch_size": 5}}

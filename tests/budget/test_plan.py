@@ -25,7 +25,7 @@ def tiny_config(tmp_path, monkeypatch):
     """The quickstart config with a 16-wide model and a 40-trajectory data file, in a scratch folder."""
     monkeypatch.chdir(tmp_path)
     write_h5("lv.h5", *simulate(n=40, seed=3))
-    config = yaml.safe_load((CONFIGS / "quickstart.yaml").read_text())
+    config = yaml.safe_load((Path(__file__).parents[1] / "tiny-qwen.yaml").read_text())
     config["model"]["model_config"] = model_config("tiny-chars")
     config["data"].update(
         data_path="lv.h5", tokenizer=CHARACTER_TOKENIZER, simulate_if_missing=False, val_size=6, test_size=4,

@@ -30,3 +30,21 @@ def test_llm_and_references_are_scored_on_the_same_steps():
     assert summary["model"]["mean"]["prey"]["r2"] == pytest.approx(mean_r2)
     assert summary["model"]["mean"]["valid_share"] == pytest.approx((2 + 5 / 8) / 3)
     assert summary["generation"]["tokens_per_second"] == pytest.approx(100.0)
+
+
+def test_the_printed_table_says_why_the_ode_reference_is_exact_on_simulated_data(tmp_path):
+    from lit_llmtime.forecasting.evaluation import LOTKA_VOLTERRA_NOTE, summary_lines
+
+    rng = np.random.default_rng(1)
+    truth = rng.uniform(0.5, 3, (2, 4, 2))
+    predictions = {
+        "index": np.array([0, 1]), "truth": truth, "forecast": truth + 0.1, "valid_share": np.ones(2),
+        "prompt": truth, "samples": (truth + 0.1)[:, None], "flops": 1.0, "seconds": 0.1, "tokens": 8.0,
+        "references": {"persistence": truth + 0.2, "lotka_volterra": truth}, "variables": ("prey", "predator"),
+    }  # fmt: skip
+    lines = summary_lines(summarise(predictions), tmp_path / "metrics.md", []).splitlines()
+    (ode,) = [line for line in lines if line.strip().startswith("lotka_volterra ")]
+    assert [float(v) for v in ode.split()[1:]] == [0.0, 0.0, 1.0, 0.0, 0.0, 1.0]  # MAE, MASE, R² per variable
+    assert lines[lines.index(ode) + 1] == f"  ({LOTKA_VOLTERRA_NOTE})"
+    llm = next(line for line in lines if line.strip().startswith("LLM "))
+    assert float(llm.split()[1]) == pytest.approx(0.1)

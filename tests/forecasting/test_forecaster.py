@@ -51,7 +51,7 @@ def test_predict_logits_equal_validate_logits(small_h5, tmp_path):
 
 def test_predict_through_the_cli_writes_everything(small_h5, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = str(Path(__file__).parents[2] / "configs" / "quickstart.yaml")
+    config = str(Path(__file__).parents[1] / "tiny-qwen.yaml")
     cli = lightning_cli(
         [
             "predict", "--config", config, f"--data.data_path={small_h5}", "--data.val_size=6",

