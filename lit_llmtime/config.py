@@ -29,15 +29,16 @@ class EncodingArgs:
 
     Args:
         decimals: decimals kept for every value.
-        scale_from: the span each trajectory's scale alpha is computed from: ``trajectory`` (all
-            its steps, as the report; at forecast time this uses the future's scale too),
-            ``prompt`` (its first ``prompt_steps`` steps, the only span a forecast can see) or
-            ``dataset`` (one alpha from the training split).
+        scale_from: where each series' scale alpha comes from: ``dataset`` (one alpha from the
+            training split, kept in checkpoints: leak-free, the default), ``prompt`` (its first
+            ``prompt_steps`` steps: leak-free, per series, for files whose series differ in
+            magnitude) or ``trajectory`` (all its steps, as the report: a look-ahead, since the
+            forecast's own future sets its prompt's scale; ``configs/qwen2.5-0.5b/look-ahead.yaml``).
         prompt_steps: time steps given to the model when forecasting (and the span of ``prompt``).
     """
 
     decimals: int = 2
-    scale_from: Literal["trajectory", "prompt", "dataset"] = "trajectory"
+    scale_from: Literal["trajectory", "prompt", "dataset"] = "dataset"
     prompt_steps: int = 50
 
     def __post_init__(self) -> None:

@@ -97,6 +97,12 @@ def summarise(predictions: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+LOOK_AHEAD_NOTE = (
+    "look-ahead scale (scale_from: trajectory): each prompt was scaled by a number computed from its "
+    "future too, which a forecast of new data cannot have"
+)
+
+
 LABELS = {"mse": "MSE", "mae": "MAE", "r2": "R²", "mase": "MASE", "crps": "CRPS", "wql": "WQL"}
 
 
@@ -108,6 +114,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
     header = f"| sample | valid steps | {columns} |"
     rule = "|---|---:|" + "---:|" * (len(variables) * len(names))
     lines = ["## LLM forecast", "", header, rule]
+    if summary.get("scale_from") == "trajectory":
+        lines[1:1] = ["", f"*{LOOK_AHEAD_NOTE[0].upper()}{LOOK_AHEAD_NOTE[1:]}.*"]
 
     def cells(m: dict[str, Any]) -> str:
         return " | ".join(f"{m[v][k]:.4f}" if k in m[v] else "" for v in variables for k in names)
@@ -135,13 +143,17 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_forecast_outputs(folder: str | Path, predictions: dict[str, Any], logger=None, max_figures: int = 12) -> dict:
-    """predictions.npz, metrics.json, metrics.md and figures; figures also to a TensorBoard logger."""
+def write_forecast_outputs(
+    folder: str | Path, predictions: dict[str, Any], logger=None, max_figures: int = 12, scale_from: str | None = None
+) -> dict:
+    """predictions.npz, metrics.json, metrics.md and figures; figures also to a TensorBoard logger.
+    Forecasts made with the look-ahead scale (``scale_from: trajectory``) say so in every table and title."""
     from lit_llmtime.forecasting.plots import plot_errors, plot_forecast, save_figure
 
     folder = Path(folder)
     save_npz(folder / "predictions.npz", predictions)
-    summary = summarise(predictions)
+    summary = summarise(predictions) | ({"scale_from": scale_from} if scale_from else {})
+    look_ahead = " (look-ahead scale)" if scale_from == "trajectory" else ""
     write_text_atomic(folder / "metrics.json", json.dumps(summary, indent=2))
     write_text_atomic(folder / "metrics.md", markdown_table(summary))
     time, steps = predictions["time"], predictions["prompt"].shape[1]
@@ -158,7 +170,7 @@ def write_forecast_outputs(folder: str | Path, predictions: dict[str, Any], logg
                 predictions["lower"][row],
                 predictions["upper"][row],
                 references,
-                title=f"sample {index}",
+                title=f"sample {index}{look_ahead}",
                 variables=predictions.get("variables"),
             ),  # fmt: skip
             "errors": plot_errors(
@@ -201,6 +213,8 @@ def summary_lines(
         lines.append(f"  {name:16s} " + " ".join(f"{value:{w}.4f}" for value, w in zip(cells, widths, strict=True)))
     if "lotka_volterra" in rows:
         lines.append(f"  ({LOTKA_VOLTERRA_NOTE})")
+    if summary.get("scale_from") == "trajectory":
+        lines.append(f"  ({LOOK_AHEAD_NOTE})")
     lines.append(f"metrics: {metrics} (and {also})")
     lines.append("figures: " + (", ".join(str(f) for f in figures[:4]) + (" ..." if len(figures) > 4 else "")))
     return "\n".join(lines)

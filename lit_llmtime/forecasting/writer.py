@@ -53,6 +53,7 @@ class ForecastWriter(BasePredictionWriter):
         if not predictions:
             return
         part = merge_predictions([p if isinstance(p, dict) else p.predictions() for p in predictions])
-        summary = write_forecast_outputs(folder, part, trainer.logger, self.max_figures)
+        scale_from = getattr(getattr(pl_module, "encoding", None), "scale_from", None)
+        summary = write_forecast_outputs(folder, part, trainer.logger, self.max_figures, scale_from)
         figures = sorted(folder.glob("forecast_*.png"))
         print(summary_lines(summary, folder / "metrics.md", figures), flush=True)

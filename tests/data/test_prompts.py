@@ -1,0 +1,64 @@
+"""Prompts see no future: one scale rule and one prompt builder for the data module and the Forecaster."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lit_llmtime.config import EncodingArgs
+from lit_llmtime.data.module import SeriesDataModule
+from lit_llmtime.data.prompts import prompt_batches
+from lit_llmtime.data.series import from_arrays
+from lit_llmtime.data.simulate import simulate
+from lit_llmtime.forecasting.forecaster import Forecaster
+from lit_llmtime.model.configs import model_config
+from lit_llmtime.text.tokenizers import CHARACTER_TOKENIZER
+
+
+def prompts_of(path, scale_from: str) -> tuple[SeriesDataModule, list[list[int]], list[list[int]]]:
+    """The data module of ``path`` and the token ids of its predict and validation-forecast prompts."""
+    data = SeriesDataModule(
+        data_path=str(path), tokenizer=CHARACTER_TOKENIZER, encoding=EncodingArgs(scale_from=scale_from),
+        context_length=64, val_size=6, test_size=4, predict_indices=[38, 39], forecast_validation={"trajectories": 6},
+    )  # fmt: skip
+    data.setup("fit")
+    data.setup("predict")
+    return data, data.datasets["predict"].token_ids, data.datasets["val_forecast"].token_ids
+
+
+@pytest.mark.parametrize("scale_from", ["dataset", "prompt", "trajectory"])
+def test_a_prompt_is_unchanged_when_only_its_own_future_changes(tmp_path, scale_from):
+    values, _ = simulate(n=40, seed=3)
+    np.save(tmp_path / "a.npy", values)
+    data, predict, validation = prompts_of(tmp_path / "a.npy", scale_from)
+    changed = values.copy()
+    for index in (39, *data.splits["val"]):  # a predicted series and every validation series: their futures
+        changed[index, 50:] *= 3.0
+    np.save(tmp_path / "b.npy", changed)
+    _, predict_b, validation_b = prompts_of(tmp_path / "b.npy", scale_from)
+    leak_free = scale_from != "trajectory"
+    assert (predict_b == predict) == leak_free and (validation_b == validation) == leak_free
+    assert predict_b[0] == predict[0]  # series 38 is unchanged either way
+
+
+def test_the_forecaster_writes_the_data_modules_prompts(tmp_path):
+    """A context (a series' first 50 steps) through ``Forecaster.predict`` is the prompt ``predict``
+    writes for that series: the same scale (the training split's) and the same text."""
+    values, _ = simulate(n=40, seed=3)
+    np.save(tmp_path / "a.npy", values)
+    data, predict, _ = prompts_of(tmp_path / "a.npy", "dataset")
+    forecaster = Forecaster.from_model(
+        model_config=model_config("tiny-chars"), tokenizer=CHARACTER_TOKENIZER, encoding=EncodingArgs()
+    )
+    forecaster.dataset_alpha = data.dataset_alpha
+    contexts = [values[38, :50], values[39, :50]]
+    prediction = forecaster.predict(contexts, horizon=2)
+    np.testing.assert_array_equal(prediction.alpha, data.alphas[[38, 39]])
+    (batch,) = prompt_batches(data.tokenizer, from_arrays(contexts), prediction.alpha, 2, 16, "cpu")
+    assert [
+        row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    ] == predict
+    with pytest.raises(ValueError, match="scale_from=dataset needs the training split's scale"):
+        Forecaster.from_model(model_config=model_config("tiny-chars"), tokenizer=CHARACTER_TOKENIZER).predict(
+            contexts, horizon=2
+        )
