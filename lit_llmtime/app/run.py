@@ -277,6 +277,8 @@ def lightning_cli(args: list[str] | None = None, cli_class: type[LightningCLI] =
     quiet_lightning()
     given = sys.argv[1:] if args is None else list(args)
     rewritten = without_data_class_path(given)
+    if rewritten != given:  # args of our own, not sys.argv's: Lightning's warning about that does not apply
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     return cli_class(
         LLMTimeLoRA,
         SeriesDataModule,

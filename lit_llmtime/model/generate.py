@@ -73,8 +73,8 @@ def batch_grammar(
 def largest_values(batch: dict, forecast: ForecastArgs) -> torch.Tensor:
     """Per generated row (prompt by prompt, ``num_samples`` each): the most a value may reach,
     ``max_prompt_multiple`` times the largest absolute scaled value of its prompt."""
-    prompt = torch.nan_to_num(batch["prompt"].abs().double(), nan=0.0)  # prompts are left-padded with NaN
-    largest = prompt.amax(dim=(1, 2)) / batch["alpha"].double().cpu()
+    prompt = torch.nan_to_num(batch["prompt"].detach().cpu().abs().double(), nan=0.0)  # left-padded with NaN
+    largest = prompt.amax(dim=(1, 2)) / batch["alpha"].detach().cpu().double()
     return (forecast.max_prompt_multiple * largest).repeat_interleave(forecast.num_samples)
 
 
