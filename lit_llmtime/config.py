@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-REFERENCE_FORECASTERS = ("persistence", "lotka_volterra")
+REFERENCE_FORECASTERS = ("persistence", "auto_arima", "auto_ets", "auto_theta", "log_var", "lotka_volterra")
 _said: set[str] = set()
 
 
@@ -131,7 +131,9 @@ class ForecastArgs:
             ``max_integer_digits`` bounds it. Real trajectories' later peaks reach up to 1.96x their
             prompt's largest value (1.37x at the 95th percentile), so 3 leaves them room.
         reference_forecasters: classical forecasters run on the same prompts and scored on the
-            same steps (``persistence``, ``lotka_volterra``).
+            same steps: ``persistence``, statsforecast's ``auto_arima``, ``auto_ets``,
+            ``auto_theta`` (per variable, no season), ``log_var`` (a VAR on log values, order
+            1-3 by AIC) and ``lotka_volterra`` (the ODE fitted to the prompt; two variables).
         compile: ``auto`` (on CUDA), ``on`` or ``off``: a preallocated KV cache and a per-token step
             compiled with ``torch.compile`` (CUDA graphs), instead of a growing cache run eagerly.
         forecast_steps: deprecated name of ``horizon``.

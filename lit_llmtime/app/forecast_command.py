@@ -15,11 +15,11 @@ import torch
 
 from lit_llmtime.budget.gates import GenerationGate, RunRecord, SharedBudget, run_config, settled
 from lit_llmtime.budget.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Budget
-from lit_llmtime.config import ForecastArgs
+from lit_llmtime.config import REFERENCE_FORECASTERS, ForecastArgs
 from lit_llmtime.data.series import ID_COLUMN, TABLE_SUFFIXES, TIME_COLUMN, SeriesSet, load_series, write_table
 from lit_llmtime.forecasting.evaluation import markdown_table, summarise, summary_lines
 from lit_llmtime.forecasting.forecaster import Forecaster, Prediction, future_times, prediction_frame
-from lit_llmtime.forecasting.references import persistence
+from lit_llmtime.forecasting.references import reference_applies, reference_forecast
 from lit_llmtime.io import write_text_atomic
 from lit_llmtime.model.checkpoint import model_settings
 from lit_llmtime.model.generate import GenerationShape
@@ -63,6 +63,7 @@ def forecast_file(
     budget: float = DEFAULT_BUDGET,
     max_figures: int = 12,
     device: str = "auto",
+    references: list[str] | None = None,
 ) -> dict[str, Any]:
     """Forecast every series of a data file (CSV, parquet, npy, h5) and write them as a table.
 
@@ -88,6 +89,8 @@ def forecast_file(
         max_figures: figures are drawn for at most this many series.
         device: where the model runs: ``auto`` (the GPU when there is one, with the static KV cache
             and the compiled step as ``forecast.compile: auto``), ``cpu``, ``cuda``, ``cuda:1`` ...
+        references: the reference forecasters scored beside the model with ``context_steps``
+            (default: all that apply, as ``forecast.reference_forecasters``).
 
     Returns what was written and, with ``context_steps``, the metrics summary.
     """
@@ -145,7 +148,9 @@ def forecast_file(
     valid = 100 * float(np.mean(prediction.valid_share))
     print(f"forecast {len(context)} series {horizon} steps ahead ({valid:.0f}% of steps parsed): {out_path}")
     if truth is not None:
-        written["summary"] = summary = summarise(_as_predictions(context, truth, prediction, horizon))
+        written["summary"] = summary = summarise(
+            _as_predictions(context, truth, prediction, horizon, series.time[0], references)
+        )
         metrics = write_text_atomic(out_path.with_name(f"{out_path.stem}_metrics.md"), markdown_table(summary))
         also = write_text_atomic(metrics.with_suffix(".json"), json.dumps(summary, indent=2))
         print(summary_lines(summary, metrics, figures, also=also.name))
@@ -155,12 +160,17 @@ def forecast_file(
     return written
 
 
-def _as_predictions(context: SeriesSet, truth: list[np.ndarray], prediction: Prediction, horizon: int) -> dict:
-    """The dict ``evaluation.summarise`` scores (persistence as the reference)."""
+def _as_predictions(context: SeriesSet, truth: list, prediction: Prediction, horizon: int, time, references) -> dict:
+    """The dict ``evaluation.summarise`` scores, with the ``references`` (default: all) that apply
+    (the ODE only on a numeric time axis)."""
     prompts = np.stack(context.values)
+    numeric = np.issubdtype(np.asarray(time).dtype, np.number)
+    ForecastArgs(reference_forecasters=list(references or REFERENCE_FORECASTERS))  # unknown names: one line
+    names = [n for n in references or REFERENCE_FORECASTERS
+             if reference_applies(n, prompts) and (numeric or n != "lotka_volterra")]  # fmt: skip
     return {
         "index": np.arange(len(context)), "truth": np.stack(truth), "forecast": prediction.median, "prompt": prompts,
         "samples": prediction.samples, "valid_share": prediction.valid_share, "variables": context.variables,
-        "references": {"persistence": persistence(prompts, horizon)}, "flops": prediction.flops,
-        "seconds": prediction.seconds, "tokens": prediction.tokens,
+        "references": {name: reference_forecast(name, prompts, np.asarray(time), horizon) for name in names},
+        "flops": prediction.flops, "seconds": prediction.seconds, "tokens": prediction.tokens,
     }  # fmt: skip

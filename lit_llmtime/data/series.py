@@ -185,7 +185,7 @@ def load_table(
     path = Path(path)
     csv = path.suffix.lower() == ".csv"
     try:
-        frame = pd.read_csv(path) if csv else pd.read_parquet(path)
+        frame = pd.read_csv(path, float_precision="round_trip") if csv else pd.read_parquet(path)
     except (ValueError, OSError, ImportError, pd.errors.ParserError) as error:
         raise DataFileError(f"{path}: not a readable {'CSV' if csv else 'parquet'} file ({error})") from error
     return series_from_frame(frame, id_column, time_column, target, str(path), first_line=2 if csv else None)

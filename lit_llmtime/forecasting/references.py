@@ -1,5 +1,7 @@
-"""Classical forecasters run on the same prompts as the LLM and scored on the same steps:
-persistence, and the Lotka-Volterra ODE (with prey self-limitation) fitted to each prompt."""
+"""Classical forecasters run on the same prompts as the LLM and scored on the same steps: what a
+practitioner runs first (persistence; statsforecast's AutoARIMA, AutoETS and AutoTheta per
+variable; a vector autoregression on log values) and the Lotka-Volterra ODE (with prey
+self-limitation) fitted to each prompt. Each sees a prompt alone, never its future."""
 
 from __future__ import annotations
 
@@ -74,6 +76,74 @@ def lotka_volterra_forecast(prompts: np.ndarray, time: np.ndarray, horizon: int)
     return persistence(prompts, horizon) if future is None else future[:, 1:]
 
 
+STATSFORECAST_MODELS = {"auto_arima": "AutoARIMA", "auto_ets": "AutoETS", "auto_theta": "AutoTheta"}
+
+
+def statsforecast_forecast(name: str, prompts: np.ndarray, horizon: int) -> np.ndarray:
+    """statsforecast's ``AutoARIMA``, ``AutoETS`` or ``AutoTheta`` (no season) fitted to each
+    variable of each (N, P, D) prompt alone (left-padding NaN dropped): (N, horizon, D) means."""
+    import statsforecast.models  # statsforecast: imported only when asked
+
+    model = getattr(statsforecast.models, STATSFORECAST_MODELS[name])(season_length=1)
+    prompts = np.asarray(prompts, dtype=np.float64)
+    forecasts = np.empty((len(prompts), horizon, prompts.shape[-1]))
+    for row, prompt in enumerate(prompts):
+        for variable in range(prompts.shape[-1]):
+            series = prompt[:, variable][np.isfinite(prompt[:, variable])]
+            forecasts[row, :, variable] = model.forecast(y=series, h=horizon)["mean"]
+    return forecasts
+
+
+def log_transform(values: np.ndarray) -> tuple:
+    """The transform a VAR is fitted in and its inverse: log for positive series, log1p where a
+    value is 0 (populations that died out), the values themselves where one is -1 or below."""
+    if np.all(values > 0):
+        return np.log, np.exp
+    if np.all(values > -1):
+        return np.log1p, np.expm1
+    return (lambda v: v), (lambda v: v)
+
+
+def fit_var(series: np.ndarray, order: int) -> tuple[np.ndarray, float]:
+    """Least-squares VAR(``order``) with an intercept on (T, D) ``series``: the (1 + order * D, D)
+    coefficients and the Akaike criterion (log det of the residual covariance + 2 k / T)."""
+    steps, width = series.shape
+    rows = np.stack([np.concatenate([[1.0], *(series[t - lag] for lag in range(1, order + 1))])
+                     for t in range(order, steps)])  # fmt: skip
+    targets = series[order:]
+    coefficients, *_ = np.linalg.lstsq(rows, targets, rcond=None)
+    residuals = targets - rows @ coefficients
+    covariance = residuals.T @ residuals / len(targets)
+    _, logdet = np.linalg.slogdet(covariance + 1e-12 * np.eye(width))
+    return coefficients, logdet + 2 * coefficients.size / len(targets)
+
+
+def log_var_forecast(prompts: np.ndarray, horizon: int, order: int | None = None, max_order: int = 3) -> np.ndarray:
+    """A vector autoregression on the log of each (N, P, D) prompt (``log_transform``), its order
+    chosen from 1..``max_order`` by the Akaike criterion on the prompt (or ``order``), rolled out
+    ``horizon`` steps: (N, horizon, D); persistence where the rollout is not finite."""
+    prompts = np.asarray(prompts, dtype=np.float64)
+    forecasts = persistence(prompts, horizon)
+    for row, prompt in enumerate(prompts):
+        prompt = prompt[np.all(np.isfinite(prompt), axis=1)]
+        forward, inverse = log_transform(prompt)
+        series = forward(prompt)
+        orders = [order] if order else [p for p in range(1, max_order + 1) if len(series) - p > 1 + p * series.shape[1]]
+        if not orders:
+            continue
+        coefficients = min((fit_var(series, p) + (p,) for p in orders), key=lambda fit: fit[1])
+        weights, _, chosen = coefficients
+        history = list(series[-chosen:])
+        for _ in range(horizon):
+            lags = np.concatenate([[1.0], *(history[-lag] for lag in range(1, chosen + 1))])
+            history.append(lags @ weights)
+        with np.errstate(over="ignore", invalid="ignore"):
+            rollout = inverse(np.array(history[chosen:]))
+        if np.all(np.isfinite(rollout)):
+            forecasts[row] = rollout
+    return forecasts
+
+
 def reference_applies(name: str, prompts: np.ndarray) -> bool:
     """Whether a reference forecaster can forecast these (N, P, D) prompts: the Lotka-Volterra ODE
     needs two non-negative variables, fully observed (prompts of one length)."""
@@ -83,9 +153,13 @@ def reference_applies(name: str, prompts: np.ndarray) -> bool:
 
 
 def reference_forecast(name: str, prompts: np.ndarray, time: np.ndarray, horizon: int) -> np.ndarray:
-    """Forecast (N, P, 2) prompts with a named reference forecaster: (N, horizon, 2)."""
+    """Forecast (N, P, D) prompts with a named reference forecaster: (N, horizon, D)."""
     if name == "persistence":
         return persistence(prompts, horizon)
     if name == "lotka_volterra":
         return lotka_volterra_forecast(prompts, time, horizon)
+    if name in STATSFORECAST_MODELS:
+        return statsforecast_forecast(name, prompts, horizon)
+    if name == "log_var":
+        return log_var_forecast(prompts, horizon)
     raise ValueError(f"unknown reference forecaster {name!r}; choose from {REFERENCE_FORECASTERS}")

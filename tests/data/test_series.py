@@ -126,7 +126,7 @@ def test_series_of_3_and_1_variables_train_and_forecast_through_the_cli_and_pyth
 
     main(["forecast", "--ckpt_path", str(checkpoint), "--input", f"series{suffix}", "--horizon", "4",
           "--out", "out/forecasts.csv", "--context_steps", "50", "--ledger", run.ledger,
-          "--device", "cpu"])  # fmt: skip
+          "--device", "cpu", *(["--references", "[persistence, log_var]"] if species == 3 else [])])  # fmt: skip
     table = pd.read_csv("out/forecasts.csv")
     names = series.variables
     assert list(table.columns[:3]) == ["series_id", "time", names[0]] and f"{names[-1]}_0.9" in table.columns
@@ -136,6 +136,8 @@ def test_series_of_3_and_1_variables_train_and_forecast_through_the_cli_and_pyth
     assert forecast["config"]["lora_rank"] == record["config"]["lora_rank"] and forecast["config"]["horizon"] == 4
     summary = yaml.safe_load(Path("out/forecasts_metrics.json").read_text())
     assert summary["variables"] == list(names) and summary["model"]["mean"]["valid_share"] == 1.0
+    everything = {"persistence", "auto_arima", "auto_ets", "auto_theta", "log_var"}  # no ODE for one variable
+    assert set(summary["references"]) == ({"persistence", "log_var"} if species == 3 else everything)
     assert Path("out/forecasts_s0.png" if species == 3 else "out/forecasts_0.png").stat().st_size > 10_000
 
     if species == 3:  # a predict that would run past a series' end is refused before it is charged

@@ -63,7 +63,14 @@ def test_predict_through_the_cli_writes_everything(small_h5, tmp_path, monkeypat
     written = load_npz(folder / "predictions.npz")
     assert written["index"].tolist() == [3, 5, 37]
     assert written["forecast"].shape == (3, 6, 2) and written["prompt"].shape == (3, 20, 2)
-    assert set(written["references"]) == {"persistence", "lotka_volterra"}
+    assert set(written["references"]) == {
+        "persistence",
+        "auto_arima",
+        "auto_ets",
+        "auto_theta",
+        "log_var",
+        "lotka_volterra",
+    }
     summary = json.loads((folder / "metrics.json").read_text())
     for row, index in enumerate(written["index"]):
         for name, values in {"lotka_volterra": written["references"]["lotka_volterra"], "persistence": None}.items():

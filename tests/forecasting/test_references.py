@@ -41,3 +41,50 @@ def test_ode_fit_recovers_the_self_limitation_term_of_either_sign():
     expected = np.stack([parameters[name] for name in "abcde"], axis=1)
     np.testing.assert_allclose(fitted[:, :4], expected[:, :4], rtol=1e-3)
     np.testing.assert_allclose(fitted[:, 4], expected[:, 4], atol=1e-4)
+
+
+def test_statsforecast_references_equal_the_librarys_own_forecasts():
+    import pandas as pd
+    from statsforecast import StatsForecast
+    from statsforecast.models import AutoARIMA, AutoETS, AutoTheta
+
+    from lit_llmtime.forecasting.references import reference_forecast
+
+    values, time = simulate(n=3, steps=100, seed=2)
+    prompts = values[:, :40].astype(np.float64)
+    frame = pd.DataFrame(
+        [
+            {"unique_id": f"{n}-{d}", "ds": t, "y": prompts[n, t, d]}
+            for n in range(3)
+            for d in range(2)
+            for t in range(40)
+        ]
+    )
+    for name, model in (("auto_arima", AutoARIMA), ("auto_ets", AutoETS), ("auto_theta", AutoTheta)):
+        theirs = StatsForecast(models=[model(season_length=1)], freq=1).forecast(df=frame, h=7)
+        ours = reference_forecast(name, prompts, time, 7)
+        for n in range(3):
+            for d in range(2):
+                column = theirs[theirs["unique_id"] == f"{n}-{d}"].iloc[:, -1].to_numpy()
+                np.testing.assert_allclose(ours[n, :, d], column, rtol=1e-6, atol=1e-9)
+        assert not np.allclose(ours, persistence(prompts, 7))  # not the last value repeated
+
+
+def test_log_var_equals_statsmodels_var_on_log_values():
+    from statsmodels.tsa.api import VAR
+
+    from lit_llmtime.forecasting.references import log_var_forecast, reference_forecast
+
+    values, time = simulate(n=2, steps=100, seed=4)
+    prompts = values[:, :50].astype(np.float64)
+    for order in (1, 2, 3):
+        ours = log_var_forecast(prompts, 10, order=order)
+        for n in range(2):
+            fit = VAR(np.log(prompts[n])).fit(order, trend="c")
+            expected = np.exp(fit.forecast(np.log(prompts[n, -order:]), steps=10))
+            np.testing.assert_allclose(ours[n], expected, rtol=1e-8)
+    chosen = reference_forecast("log_var", prompts, time, 10)  # the order the AIC picks: one of those
+    assert any(np.allclose(chosen, log_var_forecast(prompts, 10, order=p)) for p in (1, 2, 3))
+    dead = prompts.copy()
+    dead[0, -20:, 1] = 0.0  # a predator that died out: log1p, still finite and non-negative in the mean
+    assert np.all(np.isfinite(log_var_forecast(dead, 10)))
