@@ -101,6 +101,7 @@ def forecast_file(
         raise ValueError(f"{out}: the forecasts are a table: name a .csv or .parquet file")
     if ckpt_path is None and model_name_or_path is None:
         raise ValueError("forecast needs --ckpt_path (a trained adapter) or --model_name_or_path (a base model alone)")
+    references = ForecastArgs(reference_forecasters=list(references or REFERENCE_FORECASTERS)).reference_forecasters
     series = load_series(input, id_column, time_column, target)
     forecast = ForecastArgs(num_samples=num_samples)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -161,13 +162,11 @@ def forecast_file(
 
 
 def _as_predictions(context: SeriesSet, truth: list, prediction: Prediction, horizon: int, time, references) -> dict:
-    """The dict ``evaluation.summarise`` scores, with the ``references`` (default: all) that apply
-    (the ODE only on a numeric time axis)."""
+    """The dict ``evaluation.summarise`` scores, with the ``references`` that apply (the ODE only on
+    a numeric time axis)."""
     prompts = np.stack(context.values)
     numeric = np.issubdtype(np.asarray(time).dtype, np.number)
-    ForecastArgs(reference_forecasters=list(references or REFERENCE_FORECASTERS))  # unknown names: one line
-    names = [n for n in references or REFERENCE_FORECASTERS
-             if reference_applies(n, prompts) and (numeric or n != "lotka_volterra")]  # fmt: skip
+    names = [n for n in references if reference_applies(n, prompts) and (numeric or n != "lotka_volterra")]
     return {
         "index": np.arange(len(context)), "truth": np.stack(truth), "forecast": prediction.median, "prompt": prompts,
         "samples": prediction.samples, "valid_share": prediction.valid_share, "variables": context.variables,
