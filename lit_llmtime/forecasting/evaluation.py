@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from lit_llmtime.data.series import default_variables
+from lit_llmtime.forecasting.comparison import LEVEL, RESAMPLES, compare_to_references, error_by_horizon, verdict
 from lit_llmtime.forecasting.metrics import POINT_METRICS, SAMPLE_METRICS, nanmean, score
 from lit_llmtime.io import atomic_path, write_text_atomic
 
@@ -70,7 +71,8 @@ def load_npz(path: str | Path) -> dict[str, Any]:
 def summarise(predictions: dict[str, Any]) -> dict[str, Any]:
     """Metrics per trajectory and variable and their means, for the LLM and each reference
     forecaster: MSE, MAE, R² and MASE, and for a sampled LLM forecast also CRPS and the weighted
-    quantile loss."""
+    quantile loss; the MAE at each step ahead (``horizon``) and, for each reference, the LLM's
+    paired MAE difference with a bootstrap interval over the series (``comparison``)."""
     variables = tuple(predictions["variables"])
 
     def table(forecasts: np.ndarray, samples: np.ndarray | None = None) -> dict[str, Any]:
@@ -88,6 +90,12 @@ def summarise(predictions: dict[str, Any]) -> dict[str, Any]:
         summary["model"]["per_trajectory"][int(i)]["valid_share"] = float(share)
     summary["model"]["mean"]["valid_share"] = float(np.mean(predictions["valid_share"]))
     summary["references"] = {name: table(values) for name, values in predictions["references"].items()}
+    forecasts = {"LLM": predictions["forecast"]} | predictions["references"]
+    summary["horizon"] = {
+        name: dict(zip(variables, error_by_horizon(predictions["truth"], values).T.tolist(), strict=True))
+        for name, values in forecasts.items()
+    }
+    summary["comparison"] = compare_to_references(summary)
     summary["generation"] = {
         "flops": predictions["flops"],
         "seconds": predictions["seconds"],
@@ -129,6 +137,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
     lines.append(f"| all | LLM | {cells(mean)} |")
     for name, ref in summary["references"].items():
         lines.append(f"| all | {name} | {cells(ref['mean'])} |")
+    lines += comparison_table(summary)
     generation = summary["generation"]
     lines += [
         "",
@@ -143,12 +152,41 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def interval_cell(entry: dict[str, float]) -> str:
+    """``-0.123 [-0.200, -0.050]``: a paired difference and its interval."""
+    return f"{entry['difference']:+.4f} [{entry['low']:+.4f}, {entry['high']:+.4f}]"
+
+
+def comparison_table(summary: dict[str, Any]) -> list[str]:
+    """Markdown lines: for each reference and variable, the LLM's mean MAE minus the reference's
+    over the same series, with its bootstrap interval and what it says."""
+    if not summary.get("comparison"):
+        return []
+    variables = summary["variables"]
+    series = len(summary["model"]["per_trajectory"])
+    lines = [
+        "",
+        "## The LLM against each reference",
+        "",
+        f"Mean over the {series} series of the LLM's MAE minus the reference's (negative: the LLM is better), "
+        f"with a {100 * LEVEL:.0f}% percentile bootstrap interval ({RESAMPLES} resamples of series, pairs kept, "
+        "fixed seed); *better* or *worse* only when the interval excludes zero.",
+        "",
+        "| reference | " + " | ".join(f"{v}: LLM − reference [interval] | {v}" for v in variables) + " |",
+        "|---|" + "---:|---|" * len(variables),
+    ]
+    for name, entries in summary["comparison"].items():
+        cells = " | ".join(f"{interval_cell(entries[v])} | {verdict(entries[v])}" for v in variables)
+        lines.append(f"| {name} | {cells} |")
+    return lines
+
+
 def write_forecast_outputs(
     folder: str | Path, predictions: dict[str, Any], logger=None, max_figures: int = 12, scale_from: str | None = None
 ) -> dict:
     """predictions.npz, metrics.json, metrics.md and figures; figures also to a TensorBoard logger.
     Forecasts made with the look-ahead scale (``scale_from: trajectory``) say so in every table and title."""
-    from lit_llmtime.forecasting.plots import plot_errors, plot_forecast, save_figure
+    from lit_llmtime.forecasting.plots import plot_errors, plot_forecast, plot_horizon, save_figure
 
     folder = Path(folder)
     save_npz(folder / "predictions.npz", predictions)
@@ -159,6 +197,10 @@ def write_forecast_outputs(
     time, steps = predictions["time"], predictions["prompt"].shape[1]
     future = time[steps : steps + predictions["truth"].shape[1]]
     experiment = getattr(logger, "experiment", None)
+    horizon = plot_horizon(summary["horizon"], summary["variables"], f"{len(predictions['index'])} series{look_ahead}")
+    if experiment is not None and hasattr(experiment, "add_figure"):
+        experiment.add_figure("errors/by_horizon", horizon, close=False)
+    save_figure(horizon, folder / "error_by_horizon.png")
     for row, index in enumerate(predictions["index"][:max_figures]):
         references = {name: values[row] for name, values in predictions["references"].items()}
         figures = {
@@ -213,6 +255,11 @@ def summary_lines(
         lines.append(f"  {name:16s} " + " ".join(f"{value:{w}.4f}" for value, w in zip(cells, widths, strict=True)))
     if "lotka_volterra" in rows:
         lines.append(f"  ({LOTKA_VOLTERRA_NOTE})")
+    if summary.get("comparison"):
+        lines.append(f"  LLM MAE minus each reference's, mean over the series [{100 * LEVEL:.0f}% bootstrap interval]:")
+        for name, entries in summary["comparison"].items():
+            cells = "  ".join(f"{v} {interval_cell(entries[v])} {verdict(entries[v])}" for v in variables)
+            lines.append(f"  LLM - {name:16s} {cells}")
     if summary.get("scale_from") == "trajectory":
         lines.append(f"  ({LOOK_AHEAD_NOTE})")
     lines.append(f"metrics: {metrics} (and {also})")

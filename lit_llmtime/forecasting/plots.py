@@ -73,6 +73,24 @@ def plot_errors(
     return fig
 
 
+def plot_horizon(errors: dict[str, dict[str, list[float]]], variables, title: str = "") -> Figure:
+    """Mean absolute error at each step ahead, a line per forecaster (``errors[name][variable]``)
+    and a panel per variable: where each rollout goes wrong."""
+    fig, axes = _panels(len(variables), 3.5)
+    for ax, variable in zip(axes, variables, strict=True):
+        for name, per_variable in errors.items():
+            values = per_variable[variable]
+            color = COLORS["forecast"] if name == "LLM" else COLORS.get(name)
+            style = "-" if name == "LLM" else "--"
+            ax.plot(np.arange(1, len(values) + 1), values, style, color=color, label=name)
+        ax.set_title(f"{title} MAE by steps ahead: {variable}".strip())
+        ax.set_xlabel("steps ahead")
+    axes[0].set_ylabel("mean absolute error")
+    axes[-1].legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
 def plot_encode_check(
     time: np.ndarray, trajectory: np.ndarray, decoded: np.ndarray, index: int, variables: tuple[str, ...] | None = None
 ) -> Figure:

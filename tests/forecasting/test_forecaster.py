@@ -81,6 +81,11 @@ def test_predict_through_the_cli_writes_everything(small_h5, tmp_path, monkeypat
             assert reference["mae"] == pytest.approx(np.mean(np.abs(error)))
     assert summary["model"]["mean"]["valid_share"] == pytest.approx(written["valid_share"].mean())
     assert "| **mean** |" in (folder / "metrics.md").read_text()
+    llm_by_horizon = np.abs(written["forecast"] - written["truth"]).mean(axis=0)  # (6, 2)
+    assert summary["horizon"]["LLM"]["prey"] == pytest.approx(llm_by_horizon[:, 0].tolist())
+    assert set(summary["comparison"]) == set(written["references"])
+    png = (folder / "error_by_horizon.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     for index in (3, 5, 37):
         for kind in ("forecast", "errors"):
             png = (folder / f"{kind}_{index}.png").read_bytes()
