@@ -10,6 +10,9 @@ from torchmetrics import MeanMetric
 
 from lit_llmtime.forecasting.forecaster import ForecastResult
 from lit_llmtime.forecasting.metrics import score
+from lit_llmtime.forecasting.references import reference_forecast
+
+VALIDATION_REFERENCES = ("persistence", "log_var")  # milliseconds a series: cheap at every validation
 
 
 def first_forecast_figure(result: ForecastResult, step: int):
@@ -27,7 +30,9 @@ class ForecastSkill(nn.Module):
     R² and MASE per variable (``mae_prey``), MASE over all variables (a checkpoint can be chosen by
     it), the share of steps that parsed, and with sampling CRPS and the weighted quantile loss.
     The per-variable means are made at the first update, when the variables' names are known
-    (every rank forecasts the same variables, so they synchronise alike)."""
+    (every rank forecasts the same variables, so they synchronise alike). Beside them, the MAE of
+    the cheap references on the same series (``val/reference/<name>/mae_<variable>``): the lines
+    the LLM's curve has to go below."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,6 +44,7 @@ class ForecastSkill(nn.Module):
         return self.means["mase"].update_count
 
     def _mean(self, key: str) -> MeanMetric:
+        """The mean named ``key``, made on first use on the device of the others."""
         slot = key.replace(".", "·")  # a module name cannot hold "." (a column "pm2.5")
         if slot not in self.means:
             self.means[slot] = MeanMetric(nan_strategy="ignore").to(self.means["mase"].device)
@@ -55,15 +61,29 @@ class ForecastSkill(nn.Module):
                     self._mean(f"{name}_{variable}").update(value)
             self.means["mase"].update(float(np.mean([values["mase"] for values in scores.values()])))
             self.means["valid_share"].update(float(result.valid_share[row]))
+        horizon = result.truth.shape[1]
+        for name in VALIDATION_REFERENCES:
+            forecasts = reference_forecast(name, result.prompt, result.time, horizon)
+            errors = np.abs(forecasts - result.truth).mean(axis=1)  # (N, V)
+            for k, variable in enumerate(result.variables):
+                for error in errors[:, k]:
+                    self._mean(f"reference/{name}/mae_{variable}").update(float(error))
 
     def compute(self) -> dict[str, torch.Tensor]:
         return {key.replace("·", "."): metric.compute() for key, metric in self.means.items()}
+
+    def logged(self) -> dict[str, torch.Tensor]:
+        """The means under their logged names: ``val/forecast/*`` and ``val/reference/*``."""
+        return {
+            f"val/{name}" if name.startswith("reference/") else f"val/forecast/{name}": value
+            for name, value in self.compute().items()
+        }
 
     def log_to(self, module: L.LightningModule) -> None:
         """Log the means as ``val/forecast/*`` and the pass's first forecast as the figure
         ``val/forecast``, and reset; in the sanity check (which Lightning does not log), straight to
         the logger at step 0: the skill of the weights before training."""
-        skill = {f"val/forecast/{name}": value for name, value in self.compute().items()}
+        skill = self.logged()
         result = self.figure
         self.reset()
         trainer, logger = module.trainer, module.logger

@@ -85,6 +85,7 @@ def test_validate_forecasts_as_the_forecaster_does(fitted, monkeypatch):
     import numpy as np
 
     from lit_llmtime.forecasting.metrics import score
+    from lit_llmtime.forecasting.references import reference_forecast
 
     root, _ = fitted
     monkeypatch.chdir(root)
@@ -99,6 +100,12 @@ def test_validate_forecasts_as_the_forecaster_does(fitted, monkeypatch):
             expected = np.nanmean([score(t, f, p, variables=result.variables)[species][name] for t, f, p in rows])
             logged = cli.trainer.callback_metrics[f"val/forecast/{name}_{species}"].item()
             assert logged == pytest.approx(expected, rel=1e-5)
+    for k, species in enumerate(("prey", "predator")):  # the references beside it, on the same series and steps
+        persistence = np.abs(result.prompt[:, -1:, k] - result.truth[:, :, k]).mean()
+        logged = cli.trainer.callback_metrics[f"val/reference/persistence/mae_{species}"].item()
+        assert logged == pytest.approx(persistence, rel=1e-5)
+        var = np.abs(reference_forecast("log_var", result.prompt, result.time, 4)[..., k] - result.truth[..., k])
+        assert cli.trainer.callback_metrics[f"val/reference/log_var/mae_{species}"].item() == pytest.approx(var.mean())
     sampled = lightning_cli(
         ["validate", *quick_args("data/lv.h5"), f"--ckpt_path={last}", "--model.forecast.num_samples=3"]
     )
