@@ -35,11 +35,15 @@ class EncodingArgs:
             magnitude) or ``trajectory`` (all its steps, as the report: a look-ahead, since the
             forecast's own future sets its prompt's scale; ``configs/qwen2.5-0.5b/look-ahead.yaml``).
         prompt_steps: time steps given to the model when forecasting (and the span of ``prompt``).
+        transform: ``none`` (the scaled value ``v``, as LLMTIME) or ``log`` (``sign(v) log(1 + |v| /
+            0.01)``, inverted on decoding: growth by a factor becomes a step of fixed size, as in
+            Lotka-Volterra dynamics, and troughs keep as many digits as peaks).
     """
 
     decimals: int = 2
     scale_from: Literal["trajectory", "prompt", "dataset"] = "dataset"
     prompt_steps: int = 50
+    transform: Literal["none", "log"] = "none"
 
     def __post_init__(self) -> None:
         if self.decimals < 0:

@@ -28,18 +28,22 @@ def scale_alphas(
     return np.array([scale_alpha(values[:span]) for values in series], dtype=np.float64)
 
 
-def encode_trajectories(trajectories: np.ndarray, alphas: np.ndarray, decimals: int = 2, indices=None) -> list[str]:
+def encode_trajectories(
+    trajectories: np.ndarray, alphas: np.ndarray, decimals: int = 2, indices=None, transform: str = "none"
+) -> list[str]:
     """LLMTIME texts of ``trajectories`` at the given scales (named by ``indices`` in errors)."""
     indices = range(len(trajectories)) if indices is None else indices
     return [
-        encode(trajectory, alpha=alpha, decimals=decimals, name=f"sample {index}")[0]
+        encode(trajectory, alpha=alpha, decimals=decimals, name=f"sample {index}", transform=transform)[0]
         for index, trajectory, alpha in zip(indices, trajectories, alphas, strict=True)
     ]
 
 
-def prompt_texts(prompts: list[np.ndarray], alphas: np.ndarray, decimals: int, names=None) -> list[str]:
+def prompt_texts(
+    prompts: list[np.ndarray], alphas: np.ndarray, decimals: int, names=None, transform: str = "none"
+) -> list[str]:
     """Each prompt's LLMTIME text, ending in ``;`` so that the model writes the next step."""
-    return [text + STEP_SEPARATOR for text in encode_trajectories(prompts, alphas, decimals, names)]
+    return [text + STEP_SEPARATOR for text in encode_trajectories(prompts, alphas, decimals, names, transform)]
 
 
 class Prompts(Dataset):
@@ -105,10 +109,12 @@ def collate_prompts(
     return batch if horizon is None else batch | {"horizon": horizon}
 
 
-def prompt_batches(tokenizer, series: SeriesSet, alphas: np.ndarray, decimals: int, batch_size: int, device):
+def prompt_batches(
+    tokenizer, series: SeriesSet, alphas: np.ndarray, decimals: int, batch_size: int, device, transform: str = "none"
+):
     """Batches of ``batch_size`` series as LLMTIME prompts (ending in ``;``): left-padded token ids
     and, left-padded with NaN alike, the (B, longest, D) values, with their scales."""
-    texts = prompt_texts(series.values, alphas, decimals, series.ids)
+    texts = prompt_texts(series.values, alphas, decimals, series.ids, transform)
     token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     for start in range(0, len(texts), batch_size):
         rows = list(range(start, min(start + batch_size, len(texts))))

@@ -16,7 +16,7 @@ from transformers import DynamicCache, StaticCache
 
 from lit_llmtime.config import ForecastArgs
 from lit_llmtime.model.flops import FlopModel
-from lit_llmtime.text.codec import decode
+from lit_llmtime.text.codec import decode, transformed
 from lit_llmtime.text.grammar import LLMTimeGrammar
 
 PROMPT_PAD, CACHE_PAD = 64, 256  # static cache (compiled generation): prompt and capacity multiples
@@ -52,10 +52,10 @@ def cache_capacity(prompt_tokens: int, max_new_tokens: int) -> int:
 
 
 def batch_grammar(
-    tokenizer, batch: dict, forecast: ForecastArgs, decimals: int, steps: int | None = None
+    tokenizer, batch: dict, forecast: ForecastArgs, decimals: int, steps: int | None = None, transform: str = "none"
 ) -> LLMTimeGrammar:
     """The decoding constraint of a batch of prompts (one row per prompt and sample), for ``steps``
-    steps (default ``forecast.horizon``)."""
+    steps (default ``forecast.horizon``), its value bound written as the encoding's ``transform`` writes values."""
     return LLMTimeGrammar(
         tokenizer,
         batch_size=len(batch["input_ids"]) * forecast.num_samples,
@@ -66,16 +66,17 @@ def batch_grammar(
         n_variables=batch["prompt"].shape[-1],
         mode=forecast.constrained,
         device=batch["input_ids"].device,
-        max_values=None if forecast.max_prompt_multiple is None else largest_values(batch, forecast),
+        max_values=None if forecast.max_prompt_multiple is None else largest_values(batch, forecast, transform),
     )
 
 
-def largest_values(batch: dict, forecast: ForecastArgs) -> torch.Tensor:
+def largest_values(batch: dict, forecast: ForecastArgs, transform: str = "none") -> torch.Tensor:
     """Per generated row (prompt by prompt, ``num_samples`` each): the most a value may reach,
-    ``max_prompt_multiple`` times the largest absolute scaled value of its prompt."""
+    ``max_prompt_multiple`` times the largest absolute scaled value of its prompt, as written in
+    text (after the encoding's ``transform``)."""
     prompt = torch.nan_to_num(batch["prompt"].detach().cpu().abs().double(), nan=0.0)  # left-padded with NaN
-    largest = prompt.amax(dim=(1, 2)) / batch["alpha"].detach().cpu().double()
-    return (forecast.max_prompt_multiple * largest).repeat_interleave(forecast.num_samples)
+    largest = forecast.max_prompt_multiple * prompt.amax(dim=(1, 2)) / batch["alpha"].detach().cpu().double()
+    return torch.from_numpy(transformed(largest.numpy(), transform)).repeat_interleave(forecast.num_samples)
 
 
 def generation_shape(input_ids: torch.Tensor, grammar: LLMTimeGrammar, static: bool) -> GenerationShape:
@@ -285,7 +286,9 @@ def fill_invalid(values: np.ndarray, last_observed: np.ndarray) -> np.ndarray:
     return filled
 
 
-def decode_forecasts(texts: list[str], alphas: np.ndarray, prompts: np.ndarray, horizon: int) -> Forecasts:
+def decode_forecasts(
+    texts: list[str], alphas: np.ndarray, prompts: np.ndarray, horizon: int, transform: str = "none"
+) -> Forecasts:
     """Parse ``len(alphas) * S`` generated texts (S samples per prompt, prompt by prompt); each
     (P, D) prompt's last row stands before the first step (prompts of different lengths are
     left-padded with NaN, so the last row is always observed)."""
@@ -295,7 +298,7 @@ def decode_forecasts(texts: list[str], alphas: np.ndarray, prompts: np.ndarray, 
     valid = np.empty((batch, samples_per_prompt, horizon), dtype=bool)
     for row, text in enumerate(texts):
         b, s = divmod(row, samples_per_prompt)
-        decoded = decode(text, alphas[b], n_variables=variables, steps=horizon)
+        decoded = decode(text, alphas[b], n_variables=variables, steps=horizon, transform=transform)
         valid[b, s] = decoded.valid
         samples[b, s] = fill_invalid(decoded.values, prompts[b, -1])
     return Forecasts(

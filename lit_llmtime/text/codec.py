@@ -3,6 +3,10 @@
 Each trajectory is divided by its own scale ``alpha = max over variables of p95 / 10`` so
 most values land in [0, 10], rounded to ``decimals`` places, variables joined by ``,`` and time
 steps by ``;``. The decimal point is kept (Qwen2.5 tokenizes every digit on its own anyway).
+With ``transform="log"`` the scaled value ``v`` is written as ``sign(v) log(1 + |v| / 0.01)``: a
+log above a floor of a thousandth of the scale's 95th percentile (zeros and signs stay defined),
+so growth and decay by a factor become steps of a fixed size (Lotka-Volterra dynamics are linear
+in logs), troughs keep as many digits as peaks, and decoding inverts it exactly.
 """
 
 from __future__ import annotations
@@ -15,6 +19,27 @@ import numpy as np
 VARIABLE_SEPARATOR = ","
 STEP_SEPARATOR = ";"
 ALPHABET = "0123456789.,;-"  # every character LLMTIME text can hold
+TRANSFORMS = ("none", "log")
+LOG_FLOOR = 0.01  # scaled units: below it ``log`` is linear, so 0 is written as 0
+
+
+def transformed(scaled: np.ndarray, transform: str = "none") -> np.ndarray:
+    """The values written as text: ``scaled`` itself or ``sign(v) log(1 + |v| / LOG_FLOOR)``."""
+    if transform == "none":
+        return scaled
+    if transform == "log":
+        return np.sign(scaled) * np.log1p(np.abs(scaled) / LOG_FLOOR)
+    raise ValueError(f"unknown encoding transform {transform!r}; choose from {TRANSFORMS}")
+
+
+def untransformed(written: np.ndarray, transform: str = "none") -> np.ndarray:
+    """The inverse of ``transformed``: scaled values from the values read in text."""
+    if transform == "none":
+        return written
+    if transform == "log":
+        with np.errstate(over="ignore"):  # a huge generated number decodes to inf, not an error
+            return np.sign(written) * np.expm1(np.abs(written)) * LOG_FLOOR
+    raise ValueError(f"unknown encoding transform {transform!r}; choose from {TRANSFORMS}")
 
 
 def scale_alpha(trajectory: np.ndarray, percentile: float = 95.0) -> float:
@@ -54,12 +79,16 @@ def format_values(scaled: np.ndarray, decimals: int = 2) -> str:
 
 
 def encode(
-    trajectory: np.ndarray, alpha: float | None = None, decimals: int = 2, name: str = "trajectory"
+    trajectory: np.ndarray,
+    alpha: float | None = None,
+    decimals: int = 2,
+    name: str = "trajectory",
+    transform: str = "none",
 ) -> tuple[str, float]:
     """Encode one trajectory; returns the text and the alpha used (computed if not given)."""
     array = check_trajectory(trajectory, name)
     alpha = scale_alpha(array) if alpha is None else check_alpha(alpha)
-    return format_values(array / alpha, decimals), alpha
+    return format_values(transformed(array / alpha, transform), decimals), alpha
 
 
 def global_alpha(trajectories, percentile: float = 95.0) -> float:
@@ -96,7 +125,7 @@ def _parse_step(step: str, n_variables: int) -> list[float] | None:
     return values if all(math.isfinite(v) for v in values) else None
 
 
-def decode(text: str, alpha: float, n_variables: int = 2, steps: int | None = None) -> Decoded:
+def decode(text: str, alpha: float, n_variables: int = 2, steps: int | None = None, transform: str = "none") -> Decoded:
     """Parse LLMTIME text back to the original scale; never raises on malformed text.
 
     Empty steps, steps with a missing or extra value, unparsable numbers (``1..2``) and trailing
@@ -116,4 +145,4 @@ def decode(text: str, alpha: float, n_variables: int = 2, steps: int | None = No
         if row is not None:
             values[i] = row
     n_valid = sum(row is not None for row in rows)
-    return Decoded(values * alpha, n_valid)
+    return Decoded(untransformed(values, transform) * alpha, n_valid)

@@ -62,3 +62,32 @@ def test_the_forecaster_writes_the_data_modules_prompts(tmp_path):
         Forecaster.from_model(model_config=model_config("tiny-chars"), tokenizer=CHARACTER_TOKENIZER).predict(
             contexts, horizon=2
         )
+
+
+def test_the_log_transform_reaches_every_text_and_decoding_undoes_it(tmp_path):
+    from lit_llmtime.text.codec import decode, encode
+
+    values, _ = simulate(n=40, seed=3)
+    np.save(tmp_path / "a.npy", values)
+    encoding = EncodingArgs(transform="log", decimals=1)
+    data = SeriesDataModule(
+        data_path=str(tmp_path / "a.npy"), tokenizer=CHARACTER_TOKENIZER, encoding=encoding, context_length=64,
+        val_size=6, test_size=4, predict_indices=[38],
+    )  # fmt: skip
+    data.setup("fit")
+    data.setup("predict")
+    (prompt_ids,) = data.datasets["predict"].token_ids
+    expected = encode(values[38, :50], alpha=data.alphas[38], decimals=1, transform="log")[0] + ";"
+    assert data.tokenizer.decode(prompt_ids) == expected
+    first = np.log1p(values[38, 0] / data.alphas[38] / 0.01)  # log(1 + v / 0.01) of the first step's scaled values
+    assert expected.startswith(f"{first[0]:.1f},{first[1]:.1f};")
+    first_window = data.tokenizer.decode([t for t in data.datasets["train"][0]["input_ids"].tolist() if t != 0])
+    train = data.splits["train"][0]
+    assert first_window.startswith(encode(values[train], alpha=data.alphas[train], decimals=1, transform="log")[0][:40])
+    forecaster = Forecaster.from_model(model_config=model_config("tiny-chars"), tokenizer=CHARACTER_TOKENIZER,
+                                       encoding=encoding)  # fmt: skip
+    forecaster.dataset_alpha = data.dataset_alpha
+    prediction = forecaster.predict([values[38, :50]], horizon=3)
+    decoded = decode(prediction.texts[0], prediction.alpha[0], steps=3, transform="log").values
+    np.testing.assert_allclose(prediction.median[0], decoded)  # the text's values, back on the data's scale
+    assert np.all(prediction.median[0] <= 3.0 * values[38, :50].max() * (1 + 0.06))  # the bound, as values

@@ -177,6 +177,8 @@ def test_forecasts_stay_within_the_multiple_of_their_prompts_largest_value(rando
     bounds = largest_values(prompts, settings)
     scaled = [np.nanmax(np.abs(p.numpy())) / a for p, a in zip(prompts["prompt"], prompts["alpha"], strict=True)]
     np.testing.assert_allclose(bounds.numpy(), np.repeat(1.5 * np.array(scaled), 2))
+    logged = largest_values(prompts, settings, transform="log")  # the same bound, as the log encoding writes it
+    np.testing.assert_allclose(logged.numpy(), np.log1p(bounds.numpy() / 0.01))
     grammar = batch_grammar(tokenizer, prompts, settings, decimals=2)
     generation = generate(
         random_model, prompts["input_ids"], prompts["attention_mask"], grammar, 6 * grammar.max_step_tokens,

@@ -209,3 +209,24 @@ def test_decode_rejects_bad_alpha(alpha):
 def test_encode_rejects_bad_trajectories_naming_the_sample(trajectory, message):
     with pytest.raises(ValueError, match=rf"sample 7: {message}"):
         encode(trajectory, name="sample 7")
+
+
+def test_log_transform_writes_floored_signed_logs_of_the_scaled_values_and_decodes_them_back():
+    trajectory = np.array([[0.0, 2.0], [9.0, 0.5]])
+    text, alpha = encode(trajectory, alpha=0.5, decimals=3, transform="log")
+    assert text == "0.000,5.994;7.496,4.615"  # log(1 + v / 0.01) of v = 0, 4, 18, 1
+    np.testing.assert_allclose(decode(text, alpha, transform="log").values, trajectory, rtol=1e-3)
+    negative, _ = encode(np.array([[-3.0, 1.0]]), alpha=1.0, decimals=2, transform="log")
+    assert negative == "-5.71,4.62"  # odd: negative values keep their sign
+    assert decode(negative, 1.0, transform="log").values[0, 0] == pytest.approx(-0.01 * np.expm1(5.71))
+    assert np.isinf(decode("999.0,1.0", 1.0, transform="log").values[0, 0])  # overflow decodes, never raises
+    with pytest.raises(ValueError, match="unknown encoding transform 'log1p'"):
+        encode(trajectory, alpha=1.0, transform="log1p")
+
+
+def test_log_keeps_relative_resolution_where_one_decimal_loses_the_troughs():
+    trough_and_peak = np.array([[0.012], [0.020], [11.0], [13.0]])  # scaled prey: two troughs, two peaks
+    plain = decode(encode(trough_and_peak, alpha=1.0, decimals=1)[0], 1.0, n_variables=1).values
+    logged = decode(encode(trough_and_peak, alpha=1.0, decimals=1, transform="log")[0], 1.0, 1, None, "log").values
+    assert plain[:2, 0].tolist() == [0.0, 0.0]  # both troughs written as 0.0
+    np.testing.assert_allclose(logged[:, 0], trough_and_peak[:, 0], rtol=0.06)  # each within 6%, a half step of 0.1
