@@ -74,7 +74,7 @@ def build_report(
         if not metrics.is_file():
             raise FileNotFoundError(f"{metrics}: no forecast metrics (run `lit-llmtime predict` first)")
         sections += ["## Forecasts (tables 4 and 5, figure 5)", "", metrics.read_text().replace("## ", "### ")]
-        for png in sorted(source.glob("forecast_*.png")):
+        for png in [*sorted(source.glob("error_by_horizon.png")), *sorted(source.glob("forecast_*.png"))]:
             shutil.copyfile(png, folder / png.name)
             sections += [f"![{png.stem}]({png.name})", ""]
     return write_text_atomic(folder / "report.md", "\n".join(sections) + "\n")

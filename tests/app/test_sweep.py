@@ -128,7 +128,9 @@ def test_offline_study_runs_to_the_end_and_reports(workdir, monkeypatch):
     ])  # fmt: skip
     report = Path("reports/study/report.md").read_text()
     assert "## FLOP ledger (Table 6)" in report and "## Stage context" in report and "| **mean** |" in report
-    for png in ("loss_curve.png", "loss_curve_second_half.png", "forecast_180.png", "forecast_190.png"):
+    assert "### The LLM against each reference" in report and "| auto_arima | " in report
+    figures = ("loss_curve.png", "loss_curve_second_half.png", "error_by_horizon.png", "forecast_180.png")
+    for png in (*figures, "forecast_190.png"):
         data = Path("reports/study", png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
         assert f"({png})" in report
