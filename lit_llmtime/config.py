@@ -50,6 +50,8 @@ class EncodingArgs:
             raise ValueError(f"encoding.decimals must be >= 0, got {self.decimals}")
         if self.prompt_steps < 2:
             raise ValueError(f"encoding.prompt_steps must be >= 2, got {self.prompt_steps}")
+        if self.transform not in ("none", "log"):
+            raise ValueError(f"encoding.transform must be 'none' or 'log', got {self.transform!r}")
 
 
 @dataclass

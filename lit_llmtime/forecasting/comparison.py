@@ -13,6 +13,7 @@ from scipy.stats import bootstrap
 RESAMPLES = 2000
 SEED = 0
 LEVEL = 0.95
+MIN_SERIES = 10  # below it a percentile interval is about the range of the differences: no verdict
 
 
 def paired_difference(
@@ -41,7 +42,11 @@ def paired_difference(
 
 
 def verdict(entry: dict[str, float]) -> str:
-    """``better`` or ``worse`` when the interval excludes zero, else ``no clear difference``."""
+    """``better`` or ``worse`` when the interval excludes zero, else ``no clear difference``;
+    ``too few series`` below ``MIN_SERIES`` (each of the intervals is 95% on its own: with several
+    references and variables, one in twenty of them may exclude zero by chance)."""
+    if entry["series"] < MIN_SERIES:
+        return "too few series"
     if entry["high"] < 0:
         return "better"
     if entry["low"] > 0:

@@ -9,7 +9,14 @@ from typing import Any
 import numpy as np
 
 from lit_llmtime.data.series import default_variables
-from lit_llmtime.forecasting.comparison import LEVEL, RESAMPLES, compare_to_references, error_by_horizon, verdict
+from lit_llmtime.forecasting.comparison import (
+    LEVEL,
+    MIN_SERIES,
+    RESAMPLES,
+    compare_to_references,
+    error_by_horizon,
+    verdict,
+)
 from lit_llmtime.forecasting.metrics import POINT_METRICS, SAMPLE_METRICS, nanmean, score
 from lit_llmtime.io import atomic_path, write_text_atomic
 
@@ -163,14 +170,13 @@ def comparison_table(summary: dict[str, Any]) -> list[str]:
     if not summary.get("comparison"):
         return []
     variables = summary["variables"]
-    series = len(summary["model"]["per_trajectory"])
     lines = [
         "",
         "## The LLM against each reference",
         "",
-        f"Mean over the {series} series of the LLM's MAE minus the reference's (negative: the LLM is better), "
+        "Mean over the series of the LLM's MAE minus the reference's (negative: the LLM is better), "
         f"with a {100 * LEVEL:.0f}% percentile bootstrap interval ({RESAMPLES} resamples of series, pairs kept, "
-        "fixed seed); *better* or *worse* only when the interval excludes zero.",
+        f"fixed seed); *better* or *worse* only when the interval excludes zero, over at least {MIN_SERIES} series.",
         "",
         "| reference | " + " | ".join(f"{v}: LLM − reference [interval] | {v}" for v in variables) + " |",
         "|---|" + "---:|---|" * len(variables),

@@ -54,3 +54,32 @@ def test_encode_check_writes_figure_one(small_h5, tmp_path, capsys):
     main(["encode-check", "--index", "3", "--data", str(small_h5), "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert "max |decoded - original|" in capsys.readouterr().out
+
+
+def test_encode_check_states_the_bound_of_each_transform(small_h5, tmp_path, capsys):
+    import re
+
+    errors = {}
+    for transform in ("none", "log"):
+        main(["encode-check", "--index", "3", "--data", str(small_h5), "--out", str(tmp_path / f"{transform}.png"),
+              "--decimals", "1", "--transform", transform])  # fmt: skip
+        line = capsys.readouterr().out.splitlines()[0]
+        error, bound = map(float, re.search(r"original\| ([\d.e-]+) \(bound ([\d.e-]+)\)", line).groups())
+        assert 0 < error <= bound
+        errors[transform] = error, bound
+    assert errors["log"][1] > errors["none"][1]  # a relative half step of the log: larger at the peaks
+
+
+def test_a_checkpoint_from_before_a_setting_existed_keeps_that_settings_default(tmp_path):
+    import torch
+    from jsonargparse import Namespace
+
+    from lit_llmtime.app.run import adopt_checkpoint
+
+    old = {"decimals": 1, "scale_from": "dataset", "prompt_steps": 50}  # saved before encoding.transform existed
+    torch.save({"hyper_parameters": {"encoding": old}, "state_dict": {}}, tmp_path / "old.ckpt")
+    encoding = {**old, "transform": "log"}
+    config = Namespace(ckpt_path=str(tmp_path / "old.ckpt"), data=Namespace(encoding=dict(encoding)),
+                       model=Namespace(encoding=dict(encoding)))  # fmt: skip
+    adopt_checkpoint(config)
+    assert config.data.encoding["transform"] == config.model.encoding["transform"] == "none"

@@ -38,9 +38,11 @@ def test_no_clear_difference_undefined_series_and_constant_differences():
     assert verdict(paired_difference(noise, np.zeros(40))) == "no clear difference"
     with_nan = paired_difference([1.0, np.nan, 3.0, 2.0], [0.5, 0.5, 0.5, np.inf])
     assert with_nan["series"] == 2 and with_nan["difference"] == pytest.approx(1.5)
-    constant = paired_difference([2.0, 3.0], [1.0, 2.0])
+    constant = paired_difference(np.arange(12.0) + 1, np.arange(12.0))
     assert (constant["low"], constant["high"]) == (1.0, 1.0) and verdict(constant) == "worse"
     assert np.isnan(paired_difference([1.0], [0.0])["low"])
+    few = paired_difference([0.1, 0.2, 0.3], [1.0, 1.1, 1.2])  # three series, each better: no claim from three
+    assert few["high"] < 0 and verdict(few) == "too few series"
 
 
 def test_predict_metrics_carry_the_intervals_and_the_error_by_steps_ahead(tmp_path):

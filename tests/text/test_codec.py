@@ -219,7 +219,8 @@ def test_log_transform_writes_floored_signed_logs_of_the_scaled_values_and_decod
     negative, _ = encode(np.array([[-3.0, 1.0]]), alpha=1.0, decimals=2, transform="log")
     assert negative == "-5.71,4.62"  # odd: negative values keep their sign
     assert decode(negative, 1.0, transform="log").values[0, 0] == pytest.approx(-0.01 * np.expm1(5.71))
-    assert np.isinf(decode("999.0,1.0", 1.0, transform="log").values[0, 0])  # overflow decodes, never raises
+    overflow = decode("999.0,1.0;1.0,1.0", 1.0, transform="log")  # a number past float range: an invalid step
+    assert np.isnan(overflow.values[0]).all() and overflow.n_valid == 1 and overflow.valid.tolist() == [False, True]
     with pytest.raises(ValueError, match="unknown encoding transform 'log1p'"):
         encode(trajectory, alpha=1.0, transform="log1p")
 
