@@ -133,9 +133,10 @@ class ForecastArgs:
         max_integer_digits: integer digits a generated number may have under ``grammar`` (an outer
             limit; ``max_prompt_multiple`` is the one that bites).
         max_prompt_multiple: under ``grammar``, a generated value may reach at most this multiple of
-            the largest (absolute, scaled) value in its series' prompt; None: only
+            the largest (absolute, scaled) value of that variable in its series' prompt; None: only
             ``max_integer_digits`` bounds it. Real trajectories' later peaks reach up to 1.96x their
-            prompt's largest value (1.37x at the 95th percentile), so 3 leaves them room.
+            prompt's largest value (1.37x at the 95th percentile), simulated ones up to 2.07x (prey)
+            and 2.84x (predator) that variable's, so 3 leaves them room.
         reference_forecasters: classical forecasters run on the same prompts and scored on the
             same steps: ``persistence``, statsforecast's ``auto_arima``, ``auto_ets``,
             ``auto_theta`` (per variable, no season), ``log_var`` (a VAR on log values, order

@@ -71,12 +71,13 @@ def batch_grammar(
 
 
 def largest_values(batch: dict, forecast: ForecastArgs, transform: str = "none") -> torch.Tensor:
-    """Per generated row (prompt by prompt, ``num_samples`` each): the most a value may reach,
-    ``max_prompt_multiple`` times the largest absolute scaled value of its prompt, as written in
-    text (after the encoding's ``transform``)."""
+    """(rows, variables), per generated row (prompt by prompt, ``num_samples`` each) and variable:
+    the most a value may reach, ``max_prompt_multiple`` times the largest absolute scaled value of
+    that variable in its prompt, as written in text (after the encoding's ``transform``)."""
     prompt = torch.nan_to_num(batch["prompt"].detach().cpu().abs().double(), nan=0.0)  # left-padded with NaN
-    largest = forecast.max_prompt_multiple * prompt.amax(dim=(1, 2)) / batch["alpha"].detach().cpu().double()
-    return torch.from_numpy(transformed(largest.numpy(), transform)).repeat_interleave(forecast.num_samples)
+    alpha = batch["alpha"].detach().cpu().double()[:, None]
+    largest = forecast.max_prompt_multiple * prompt.amax(dim=1) / alpha
+    return torch.from_numpy(transformed(largest.numpy(), transform)).repeat_interleave(forecast.num_samples, dim=0)
 
 
 def generation_shape(input_ids: torch.Tensor, grammar: LLMTimeGrammar, static: bool) -> GenerationShape:

@@ -159,19 +159,23 @@ def _step_table(decimals: int, max_integer_digits: int, allow_negative: bool, n_
     return rows
 
 
-def _step_table_places(decimals: int, max_integer_digits: int, n_variables: int) -> tuple[list[int], list[int]]:
+def _step_table_places(
+    decimals: int, max_integer_digits: int, n_variables: int
+) -> tuple[list[int], list[int], list[int]]:
     """For each state of one step (``_step_table``'s order): the integer digits its number has so far
-    (-1 past them) and the decimals it has so far (-1 before the ".")."""
+    (-1 past them), the decimals it has so far (-1 before the ".") and the variable it writes."""
     fraction_states = decimals + 1 if decimals else 0
     integer = [0, 0, 1, *range(1, max_integer_digits + 1), *[-1] * fraction_states]  # start, "-", "0", k digits
     fraction = [-1] * (3 + max_integer_digits) + list(range(fraction_states))
-    return integer * n_variables, fraction * n_variables
+    field = [variable for variable in range(n_variables) for _ in integer]
+    return integer * n_variables, fraction * n_variables, field
 
 
 class ValueBound:
-    """Keeps every number a row writes at most its bound in absolute value (its series' largest
-    scaled prompt value times a multiple), digit by digit: a number with fewer integer digits than
-    the bound is below it; one with as many compares its digits with the bound's as they come.
+    """Keeps every number a row writes at most its bound in absolute value (the largest scaled value
+    of that variable in its series' prompt times a multiple; one bound per row, or one per row and
+    variable), digit by digit: a number with fewer integer digits than the bound is below it; one
+    with as many compares its digits with the bound's as they come.
 
     Per row it tracks, for the number being written, how its integer digits so far compare with the
     bound's first as many (less, equal, greater: they may still end a shorter, smaller number) and,
@@ -179,20 +183,29 @@ class ValueBound:
 
     LESS, EQUAL, GREATER = 0, 1, 2
 
-    def __init__(self, max_values, decimals: int, places: tuple[list[int], list[int]], rows: int, device) -> None:
-        values = torch.as_tensor(max_values, dtype=torch.float64).flatten().cpu()
-        if len(values) != rows or not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
-            raise ValueError(f"max_values must be {rows} finite values >= 0, got {values.tolist()}")
-        scaled = torch.floor(values * 10**decimals + 1e-6).long()  # the bound on the written digits' grid
+    def __init__(
+        self, max_values, decimals: int, places: tuple[list[int], list[int], list[int]], rows: int, device
+    ) -> None:
+        variables = max(places[2]) + 1
+        values = torch.as_tensor(max_values, dtype=torch.float64).cpu()
+        if values.ndim == 1 and len(values) == rows:  # one bound for all of a row's variables
+            values = values[:, None].expand(rows, variables)
+        if values.shape != (rows, variables) or not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+            raise ValueError(
+                f"max_values must be {rows} (or {rows} x {variables}) finite values >= 0, got {values.tolist()}"
+            )
+        scaled = torch.floor(values.flatten() * 10**decimals + 1e-6).long()  # the bound on the written digits' grid
         integer_part, fraction_part = scaled // 10**decimals, scaled % 10**decimals
         texts = [str(int(v)) for v in integer_part]
         width = max(len(text) for text in texts)
-        self.integer_digits = torch.tensor([len(text) for text in texts], device=device)  # (rows,)
-        self.integer = torch.tensor([[int(c) for c in text.ljust(width, "0")] for text in texts], device=device)
+        self.integer_digits = torch.tensor([len(text) for text in texts], device=device).reshape(rows, variables)
+        self.integer = torch.tensor(
+            [[int(c) for c in text.ljust(width, "0")] for text in texts], device=device
+        ).reshape(rows, variables, width)
         self.fraction = torch.tensor(
             [[int(c) for c in str(int(v)).zfill(decimals)] if decimals else [] for v in fraction_part], device=device
-        ).reshape(rows, decimals)
-        self.integer_places, self.fraction_places = (torch.tensor(p, device=device) for p in places)
+        ).reshape(rows, variables, decimals)
+        self.integer_places, self.fraction_places, self.fields = (torch.tensor(p, device=device) for p in places)
         self.compare = torch.full((rows,), self.EQUAL, device=device)
         self.tight = torch.zeros(rows, dtype=torch.bool, device=device)
         self.rows = torch.arange(rows, device=device)
@@ -200,38 +213,40 @@ class ValueBound:
 
     def digits_allowed(self, local: torch.Tensor) -> torch.BoolTensor:
         """(rows, 10): the digits each row may write next without passing its bound."""
-        written, decimal = self.integer_places[local], self.fraction_places[local]
+        written, decimal, field = self.integer_places[local], self.fraction_places[local], self.fields[local]
         allowed = torch.ones(len(local), 10, dtype=torch.bool, device=local.device)
         # an integer digit: free while the number stays shorter than the bound, compared at its length
-        last = written + 1 == self.integer_digits
-        bound_digit = self.integer[self.rows, written.clamp(0, self.integer.shape[1] - 1)]
+        integer_digits = self.integer_digits[self.rows, field]
+        last = written + 1 == integer_digits
+        bound_digit = self.integer[self.rows, field, written.clamp(0, self.integer.shape[2] - 1)]
         at_length = (self.compare == self.LESS)[:, None] | (
             (self.compare == self.EQUAL)[:, None] & (self.digit_values[None] <= bound_digit[:, None])
         )
-        integer_ok = torch.where(last[:, None], at_length, (written + 1 < self.integer_digits)[:, None])
+        integer_ok = torch.where(last[:, None], at_length, (written + 1 < integer_digits)[:, None])
         allowed = torch.where((written >= 0)[:, None], integer_ok, allowed)
-        if self.fraction.shape[1]:  # a decimal: at most the bound's while the number equals it so far
-            place = decimal.clamp(0, self.fraction.shape[1] - 1)
-            under = self.digit_values[None] <= self.fraction[self.rows, place][:, None]
+        if self.fraction.shape[2]:  # a decimal: at most the bound's while the number equals it so far
+            place = decimal.clamp(0, self.fraction.shape[2] - 1)
+            under = self.digit_values[None] <= self.fraction[self.rows, field, place][:, None]
             allowed = torch.where(((decimal >= 0) & self.tight)[:, None], under, allowed)
         return allowed
 
     def advance(self, local: torch.Tensor, column: torch.Tensor, chars: list[str]) -> None:
         """Update the comparison with what each row just wrote (``column`` of ``chars``) from ``local``."""
-        written, decimal = self.integer_places[local], self.fraction_places[local]
+        written, decimal, field = self.integer_places[local], self.fraction_places[local], self.fields[local]
         digit = column < 10
         value = column.clamp(max=9)
-        bound_digit = self.integer[self.rows, written.clamp(0, self.integer.shape[1] - 1)]
+        bound_digit = self.integer[self.rows, field, written.clamp(0, self.integer.shape[2] - 1)]
         compared = torch.where(
             value < bound_digit, self.LESS, torch.where(value == bound_digit, self.EQUAL, self.GREATER)
         )
         integer_digit = digit & (written >= 0) & (self.compare == self.EQUAL)
         self.compare = torch.where(integer_digit, compared, self.compare)
-        if self.fraction.shape[1]:
-            bound_decimal = self.fraction[self.rows, decimal.clamp(0, self.fraction.shape[1] - 1)]
+        if self.fraction.shape[2]:
+            bound_decimal = self.fraction[self.rows, field, decimal.clamp(0, self.fraction.shape[2] - 1)]
             self.tight &= ~(digit & (decimal >= 0)) | (value == bound_decimal)
         point = column == chars.index(".")
-        self.tight = torch.where(point, (written == self.integer_digits) & (self.compare == self.EQUAL), self.tight)
+        integer_digits = self.integer_digits[self.rows, field]
+        self.tight = torch.where(point, (written == integer_digits) & (self.compare == self.EQUAL), self.tight)
         separator = (column == chars.index(",")) | (column == chars.index(";"))
         self.compare = torch.where(separator, torch.full_like(self.compare, self.EQUAL), self.compare)
         self.tight &= ~separator

@@ -175,8 +175,10 @@ def test_forecasts_stay_within_the_multiple_of_their_prompts_largest_value(rando
     unbounded = batch_grammar(tokenizer, prompts, ForecastArgs(horizon=6, max_prompt_multiple=None, num_samples=2), 2)
     assert unbounded.bound is None
     bounds = largest_values(prompts, settings)
-    scaled = [np.nanmax(np.abs(p.numpy())) / a for p, a in zip(prompts["prompt"], prompts["alpha"], strict=True)]
-    np.testing.assert_allclose(bounds.numpy(), np.repeat(1.5 * np.array(scaled), 2))
+    scaled = [
+        np.nanmax(np.abs(p.numpy()), axis=0) / a for p, a in zip(prompts["prompt"], prompts["alpha"], strict=True)
+    ]
+    np.testing.assert_allclose(bounds.numpy(), np.repeat(1.5 * np.array(scaled), 2, axis=0))  # (rows, variables)
     logged = largest_values(prompts, settings, transform="log")  # the same bound, as the log encoding writes it
     np.testing.assert_allclose(logged.numpy(), np.log1p(bounds.numpy() / 0.01))
     grammar = batch_grammar(tokenizer, prompts, settings, decimals=2)
@@ -187,4 +189,4 @@ def test_forecasts_stay_within_the_multiple_of_their_prompts_largest_value(rando
     texts = tokenizer.batch_decode(generation.tokens, skip_special_tokens=True)
     for text, bound in zip(texts, bounds.tolist(), strict=True):
         values = decode(text, alpha=1.0, steps=6).values
-        assert np.all(np.abs(values) <= bound + 1e-9) and not np.isnan(values).any()
+        assert np.all(np.abs(values) <= np.array(bound) + 1e-9) and not np.isnan(values).any()

@@ -296,5 +296,25 @@ def test_the_bound_is_per_row_and_holds_for_any_walk(tokenizer):
     for text, bound in zip(texts, bounds, strict=True):
         values = [float(v) for step in text.split(";")[:-1] for v in step.split(",")]
         assert len(values) == 80 and max(values) <= bound and max(values) > bound / 20  # bounded, not squashed
-    with pytest.raises(ValueError, match="max_values must be 5 finite values"):
+    with pytest.raises(ValueError, match=r"max_values must be 5 \(or 5 x 2\) finite values"):
         LLMTimeGrammar(tokenizer, 5, steps=1, max_values=[1.0, 2.0])
+
+
+def test_each_variable_has_its_own_bound(tokenizer):
+    """A predator whose prompt never passed 2.13 may not ramp to the prey's 3 x 9.95 (a real
+    fine-tuned rollout did): one bound per row and variable."""
+    bounds = [[29.85, 6.39], [0.5, 40.0]]
+    grammar = LLMTimeGrammar(tokenizer, 2, steps=30, max_values=bounds)
+    generator = torch.Generator().manual_seed(1)
+    texts = ["", ""]
+    while not bool(grammar.stopped.all()):
+        chosen = grammar.mask(torch.rand(2, len(grammar.token_ids), generator=generator)).argmax(-1)
+        grammar.advance(grammar.token_ids[chosen])
+        texts = [t + grammar.chars[c] for t, c in zip(texts, chosen.tolist(), strict=True)]
+    for text, (first, second) in zip(texts, bounds, strict=True):
+        steps = [[float(v) for v in step.split(",")] for step in text.split(";")[:-1]]
+        assert len(steps) == 30
+        assert max(s[0] for s in steps) <= first and max(s[1] for s in steps) <= second
+        assert max(s[1] for s in steps) > second / 20  # bounded, not squashed
+    assert accepts(LLMTimeGrammar(tokenizer, 1, steps=1, max_values=[[29.85, 6.39]]), tokenizer, "29.85,6.39;")
+    assert not accepts(LLMTimeGrammar(tokenizer, 1, steps=1, max_values=[[29.85, 6.39]]), tokenizer, "6.39,6.40")
