@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+TRANSFORMS = ("none", "log")  # data.encoding.transform: lit_llmtime.text.codec writes them
 REFERENCE_FORECASTERS = ("persistence", "auto_arima", "auto_ets", "auto_theta", "log_var", "lotka_volterra")
 _said: set[str] = set()
 
@@ -50,8 +51,8 @@ class EncodingArgs:
             raise ValueError(f"encoding.decimals must be >= 0, got {self.decimals}")
         if self.prompt_steps < 2:
             raise ValueError(f"encoding.prompt_steps must be >= 2, got {self.prompt_steps}")
-        if self.transform not in ("none", "log"):
-            raise ValueError(f"encoding.transform must be 'none' or 'log', got {self.transform!r}")
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"encoding.transform must be one of {TRANSFORMS}, got {self.transform!r}")
 
 
 @dataclass

@@ -66,24 +66,19 @@ class ForecastSkill(nn.Module):
             forecasts = reference_forecast(name, result.prompt, result.time, horizon)
             errors = np.abs(forecasts - result.truth).mean(axis=1)  # (N, V)
             for k, variable in enumerate(result.variables):
-                for error in errors[:, k]:
-                    self._mean(f"reference/{name}/mae_{variable}").update(float(error))
+                self._mean(f"reference/{name}/mae_{variable}").update(torch.from_numpy(errors[:, k]))
 
     def compute(self) -> dict[str, torch.Tensor]:
         return {key.replace("·", "."): metric.compute() for key, metric in self.means.items()}
-
-    def logged(self) -> dict[str, torch.Tensor]:
-        """The means under their logged names: ``val/forecast/*`` and ``val/reference/*``."""
-        return {
-            f"val/{name}" if name.startswith("reference/") else f"val/forecast/{name}": value
-            for name, value in self.compute().items()
-        }
 
     def log_to(self, module: L.LightningModule) -> None:
         """Log the means as ``val/forecast/*`` and the pass's first forecast as the figure
         ``val/forecast``, and reset; in the sanity check (which Lightning does not log), straight to
         the logger at step 0: the skill of the weights before training."""
-        skill = self.logged()
+        skill = {  # the references' under val/reference/*
+            f"val/{name}" if name.startswith("reference/") else f"val/forecast/{name}": value
+            for name, value in self.compute().items()
+        }
         result = self.figure
         self.reset()
         trainer, logger = module.trainer, module.logger

@@ -17,30 +17,40 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lit_llmtime.config import TRANSFORMS
+
 VARIABLE_SEPARATOR = ","
 STEP_SEPARATOR = ";"
 ALPHABET = "0123456789.,;-"  # every character LLMTIME text can hold
-TRANSFORMS = ("none", "log")
 LOG_FLOOR = 0.01  # scaled units: below it ``log`` is linear, so 0 is written as 0
+
+
+def _log(v: np.ndarray) -> np.ndarray:
+    return np.sign(v) * np.log1p(np.abs(v) / LOG_FLOOR)
+
+
+def _exp(t: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # a huge generated number decodes to inf (``decode`` marks it invalid)
+        return np.sign(t) * np.expm1(np.abs(t)) * LOG_FLOOR
+
+
+CODECS = {"none": (lambda v: v, lambda t: t), "log": (_log, _exp)}  # transform -> (written from scaled, inverse)
+
+
+def _codec(transform: str) -> tuple:
+    if transform not in CODECS:
+        raise ValueError(f"unknown encoding transform {transform!r}; choose from {TRANSFORMS}")
+    return CODECS[transform]
 
 
 def transformed(scaled: np.ndarray, transform: str = "none") -> np.ndarray:
     """The values written as text: ``scaled`` itself or ``sign(v) log(1 + |v| / LOG_FLOOR)``."""
-    if transform == "none":
-        return scaled
-    if transform == "log":
-        return np.sign(scaled) * np.log1p(np.abs(scaled) / LOG_FLOOR)
-    raise ValueError(f"unknown encoding transform {transform!r}; choose from {TRANSFORMS}")
+    return _codec(transform)[0](scaled)
 
 
 def untransformed(written: np.ndarray, transform: str = "none") -> np.ndarray:
     """The inverse of ``transformed``: scaled values from the values read in text."""
-    if transform == "none":
-        return written
-    if transform == "log":
-        with np.errstate(over="ignore"):  # a huge generated number decodes to inf, not an error
-            return np.sign(written) * np.expm1(np.abs(written)) * LOG_FLOOR
-    raise ValueError(f"unknown encoding transform {transform!r}; choose from {TRANSFORMS}")
+    return _codec(transform)[1](written)
 
 
 def scale_alpha(trajectory: np.ndarray, percentile: float = 95.0) -> float:
