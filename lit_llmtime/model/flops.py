@@ -232,22 +232,27 @@ class FlopModel:
         kv_cache: bool = True,
         head_rows: int | None = None,
         cache_tokens: int | None = None,
+        continuations: int = 1,
     ) -> float:
-        """FLOPs of generating ``new_tokens`` after a prompt, for one sequence.
+        """FLOPs of generating ``new_tokens`` after a prompt, ``continuations`` times (samples).
 
-        With the KV cache: a prefill of the prompt (logits for its last position only), then one
-        forward per further token over the cache; the last token needs no forward after it. A
-        preallocated (static) cache of ``cache_tokens`` positions is attended whole, masked, by the
-        prefill and by every step. Without a cache, every new token re-runs the whole sequence so far.
+        With the KV cache: one prefill of the prompt (logits for its last position only), its cache
+        copied to every continuation, then one forward per further token over the cache; the last
+        token needs no forward after it. A preallocated (static) cache of ``cache_tokens`` positions
+        is attended whole, masked, by the prefill and by every step. Without a cache, every new
+        token re-runs the whole sequence so far.
         """
         if new_tokens <= 0:
             return 0.0
         if kv_cache:
-            total = self.forward(prompt_tokens, keys=cache_tokens, logits=1, head_rows=head_rows)
-            for step in range(1, new_tokens):
-                total += self.forward(1, keys=cache_tokens or prompt_tokens + step, head_rows=head_rows)
-            return total
-        return sum(self.forward(prompt_tokens + step, logits=1, head_rows=head_rows) for step in range(new_tokens))
+            steps = sum(
+                self.forward(1, keys=cache_tokens or prompt_tokens + step, head_rows=head_rows)
+                for step in range(1, new_tokens)
+            )
+            return self.forward(prompt_tokens, keys=cache_tokens, logits=1, head_rows=head_rows) + continuations * steps
+        return continuations * sum(
+            self.forward(prompt_tokens + step, logits=1, head_rows=head_rows) for step in range(new_tokens)
+        )
 
 
 def run_flop_model(

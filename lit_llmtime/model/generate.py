@@ -31,12 +31,18 @@ class GenerationShape:
     max_new_tokens: int
     head_rows: int | None  # output-matrix rows computed per new token (None: the whole vocabulary)
     cache_tokens: int | None = None  # a static cache's capacity, attended whole at every step
+    prefills: int | None = None  # prompts run through the model once each (None: every row, static cache)
 
     def flops(self, flop_model: FlopModel, new_tokens: int | None = None) -> float:
         """FLOPs of this generation: at most, or with ``new_tokens`` tokens written per row."""
         tokens = self.max_new_tokens if new_tokens is None else new_tokens
-        return self.rows * flop_model.generation(
-            self.prompt_tokens, tokens, head_rows=self.head_rows, cache_tokens=self.cache_tokens
+        prefills = self.rows if self.prefills is None else self.prefills
+        return prefills * flop_model.generation(
+            self.prompt_tokens,
+            tokens,
+            head_rows=self.head_rows,
+            cache_tokens=self.cache_tokens,
+            continuations=self.rows // prefills,
         )
 
 
@@ -91,6 +97,7 @@ def generation_shape(input_ids: torch.Tensor, grammar: LLMTimeGrammar, static: b
         max_new_tokens=max_new_tokens,
         head_rows=None if grammar.mode == "none" else len(grammar.token_ids),
         cache_tokens=cache_capacity(prompt_tokens, max_new_tokens) if static else None,
+        prefills=None if static else len(input_ids),
     )
 
 
@@ -174,6 +181,14 @@ class _Decoder:
         cache_position = torch.arange(self.length, device=self.input_ids.device)
         return self._forward(self.input_ids, self.mask, positions, cache_position)
 
+    def repeat(self, times: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Give every prompt ``times`` rows (samples), each with a copy of its prefilled cache;
+        returns the prefill's ``hidden`` repeated the same way (dynamic cache only)."""
+        self.cache.batch_repeat_interleave(times)
+        self.mask = self.mask.repeat_interleave(times, dim=0)
+        self.position = self.position.repeat_interleave(times, dim=0)
+        return hidden.repeat_interleave(times, dim=0)
+
     def step(self, tokens: torch.Tensor, index: int) -> torch.Tensor:
         """Hidden state after the ``index``-th new token (0-based) of every row."""
         if self.static:
@@ -210,13 +225,16 @@ def generate(
     ``static`` uses a preallocated KV cache and ``compile`` compiles the per-token step (CUDA).
     """
     start = time.perf_counter()
-    head = model.get_output_embeddings()
-    if num_samples > 1:
+    head, static = model.get_output_embeddings(), static or compile
+    if num_samples > 1 and static:  # a static cache is allocated for every row before the prefill
         input_ids = input_ids.repeat_interleave(num_samples, dim=0)
         attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
     columns = grammar.token_ids.to(input_ids.device) if grammar.mode != "none" else None
-    decoder = _Decoder(model, input_ids, attention_mask, max_new_tokens, static or compile, compile)
-    logits = _head_logits(head, decoder.prefill(), columns)
+    decoder = _Decoder(model, input_ids, attention_mask, max_new_tokens, static, compile)
+    hidden = decoder.prefill()
+    if num_samples > 1 and not static:  # one prefill per prompt, its cache copied to each sample
+        hidden = decoder.repeat(num_samples, hidden)
+    logits = _head_logits(head, hidden, columns)
     tokens = []
     for index in range(max_new_tokens):
         chosen = _choose(grammar.mask(logits), temperature, top_p, num_samples > 1, generator)
@@ -228,7 +246,7 @@ def generate(
         if bool(grammar.stopped.all()):
             break
         logits = _head_logits(head, decoder.step(token, index), columns)
-    generated = torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(len(input_ids), 0)
+    generated = torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(len(grammar.state), 0)
     head_rows = None if columns is None else len(columns)
     return Generation(generated, decoder.length, head_rows, time.perf_counter() - start)
 

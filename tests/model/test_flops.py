@@ -84,6 +84,9 @@ def test_kv_cache_generation_is_cheaper_and_consistent():
         1, keys=502
     )
     assert model.generation(500, 1, kv_cache=False) == model.generation(500, 1)
+    # samples share one prefill: 4 continuations of 3 tokens pay the prompt once and the steps 4 times
+    steps = model.forward(1, keys=501) + model.forward(1, keys=502)
+    assert model.generation(500, 3, continuations=4) == model.forward(500, logits=1) + 4 * steps
 
 
 def test_breakdown_lists_every_component():

@@ -152,6 +152,36 @@ def test_static_cache_generation_equals_the_dynamic_cache(random_model, tokenize
     assert results[1].prompt_tokens % 64 == 0 and results[1].prompt_tokens >= results[0].prompt_tokens
 
 
+def test_samples_share_one_prefill_and_sample_as_if_each_had_its_own(random_model, tokenizer, prompts):
+    from lit_llmtime.model.flops import FlopModel
+    from lit_llmtime.model.generate import generation_shape
+
+    results, shapes = [], []
+    for static in (False, True):  # the static cache prefills every row itself
+        grammar = LLMTimeGrammar(tokenizer, 3 * len(prompts["input_ids"]), steps=4)
+        shapes.append(generation_shape(prompts["input_ids"], grammar, static))
+        results.append(
+            generate(
+                random_model,
+                prompts["input_ids"],
+                prompts["attention_mask"],
+                grammar,
+                56,
+                num_samples=3,
+                temperature=2.0,
+                generator=torch.Generator().manual_seed(0),
+                static=static,
+            ).tokens  # fmt: skip
+        )
+    assert torch.equal(results[0], results[1]) and len(results[0]) == 15
+    assert len({tuple(row.tolist()) for row in results[0][:3]}) > 1  # a prompt's samples differ
+    flop_model, prompt = FlopModel(RANDOM, lora_rank=0), shapes[0].prompt_tokens
+    new = shapes[0].max_new_tokens
+    steps = sum(flop_model.forward(1, keys=prompt + step, head_rows=shapes[0].head_rows) for step in range(1, new))
+    prefill = flop_model.forward(prompt, logits=1, head_rows=shapes[0].head_rows)
+    assert shapes[0].flops(flop_model) == pytest.approx(5 * prefill + 15 * steps, rel=1e-12)
+
+
 def test_every_step_is_scored_with_the_stated_rule():
     prompts = np.array([[[1.0, 2.0], [1.0, 2.0]]])  # last observed value (1, 2)
     texts = ["x;5.00,6.00;;7.5;3.00,2.00;"]  # steps 1, 3 and 4 do not parse
