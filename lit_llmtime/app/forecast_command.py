@@ -136,11 +136,11 @@ def forecast_file(
 
     write_table(out_path, prediction_frame(context, prediction, id_column, time_column, times))
     lower, upper = np.quantile(prediction.samples, [0.05, 0.95], axis=1)  # the figures' 5-95% band, as predict's
+    axes = [np.concatenate(pair) for pair in zip(context.time, times, strict=True)]  # each series' prompt + horizon
     figures = []
     for row, name in enumerate(context.ids[:max_figures]):
-        axis = np.concatenate([context.time[row], times[row]])
         figure = plot_forecast(
-            axis, context.values[row], None if truth is None else truth[row], prediction.median[row], lower[row],
+            axes[row], context.values[row], None if truth is None else truth[row], prediction.median[row], lower[row],
             upper[row], title=f"series {name}", variables=series.variables,
         )  # fmt: skip
         safe = re.sub(r"[^\w.-]", "_", name)  # a series id is not always a file name
@@ -149,9 +149,7 @@ def forecast_file(
     valid = 100 * float(np.mean(prediction.valid_share))
     print(f"forecast {len(context)} series {horizon} steps ahead ({valid:.0f}% of steps parsed): {out_path}")
     if truth is not None:
-        written["summary"] = summary = summarise(
-            _as_predictions(context, truth, prediction, horizon, series.time[0], references)
-        )
+        written["summary"] = summary = summarise(_as_predictions(context, truth, prediction, horizon, axes, references))
         metrics = write_text_atomic(out_path.with_name(f"{out_path.stem}_metrics.md"), markdown_table(summary))
         also = write_text_atomic(metrics.with_suffix(".json"), json.dumps(summary, indent=2))
         print(summary_lines(summary, metrics, figures, also=also.name))
@@ -161,15 +159,15 @@ def forecast_file(
     return written
 
 
-def _as_predictions(context: SeriesSet, truth: list, prediction: Prediction, horizon: int, time, references) -> dict:
+def _as_predictions(context: SeriesSet, truth: list, prediction: Prediction, horizon: int, times, references) -> dict:
     """The dict ``evaluation.summarise`` scores, with the ``references`` that apply (the ODE only on
-    a numeric time axis)."""
-    prompts = np.stack(context.values)
-    numeric = np.issubdtype(np.asarray(time).dtype, np.number)
+    numeric time axes, each series' prompt and horizon ``times``)."""
+    prompts, time = np.stack(context.values), np.stack(times)
+    numeric = np.issubdtype(time.dtype, np.number)
     names = [n for n in references if reference_applies(n, prompts) and (numeric or n != "lotka_volterra")]
     return {
         "index": np.arange(len(context)), "truth": np.stack(truth), "forecast": prediction.median, "prompt": prompts,
         "samples": prediction.samples, "valid_share": prediction.valid_share, "variables": context.variables,
-        "references": {name: reference_forecast(name, prompts, np.asarray(time), horizon) for name in names},
+        "references": {name: reference_forecast(name, prompts, time, horizon) for name in names},
         "flops": prediction.flops, "seconds": prediction.seconds, "tokens": prediction.tokens,
     }  # fmt: skip

@@ -296,6 +296,8 @@ class GenerationGate:
     def charge(self, bounds: list[float], what: str) -> int:
         """Charge the first of ``bounds`` (each batch's most, on every device) that the budget pays
         for; how many. None of them: refused (``what`` names the first batch)."""
+        if not bounds:  # nothing to run (limit_predict_batches=0)
+            return 0
         costs = list(itertools.accumulate(bounds))
         available = self.shared.authority.available
         affordable = int(self.shared.decide(lambda: sum(cost <= available() for cost in costs)))

@@ -67,9 +67,17 @@ def _integrate(params: np.ndarray, initial: np.ndarray, time: np.ndarray) -> np.
 
 
 def lotka_volterra_forecast(prompts: np.ndarray, time: np.ndarray, horizon: int) -> np.ndarray:
-    """Fit the ODE to each (N, P, 2) prompt (observed at ``time[:P]``) and integrate it ``horizon``
-    steps on from its last observation; persistence where the fit cannot be integrated."""
-    prompts = np.asarray(prompts, dtype=np.float64)
+    """Fit the ODE to each (N, P, 2) prompt (observed at ``time[:P]``, or at its own row of an
+    (N, P + horizon) ``time``) and integrate it ``horizon`` steps on from its last observation;
+    persistence where the fit cannot be integrated."""
+    prompts, time = np.asarray(prompts, dtype=np.float64), np.asarray(time, dtype=np.float64)
+    if time.ndim == 2:  # series on different time axes: one fit per axis
+        axes, group = np.unique(time, axis=0, return_inverse=True)
+        forecasts = np.empty((len(prompts), horizon, prompts.shape[-1]))
+        for index, axis in enumerate(axes):
+            rows = group.ravel() == index
+            forecasts[rows] = lotka_volterra_forecast(prompts[rows], axis, horizon)
+        return forecasts
     steps = prompts.shape[1]
     params = fit_lotka_volterra(prompts, time[:steps])
     future = _integrate(params, prompts[:, -1], time[steps - 1 : steps + horizon])

@@ -19,6 +19,7 @@ def test_a_forecast_settles_each_finished_batch_and_keeps_a_failed_ones_bound(tm
     bound, actual = shape.flops(model), shape.flops(model, 12)  # a batch that wrote 12 of its 30 tokens
     forecaster = SimpleNamespace(flop_model=model)
     with settled(forecast_gate(forecaster, str(tmp_path / "a.jsonl"), 1e15, "done", {})) as gate:
+        assert gate.charge([], "no batch") == 0 and gate.charged == 0  # nothing to run (limit_predict_batches=0)
         assert gate.charge([bound], "a batch") == 1
         gate.finished(bound, actual)
     (record,) = Ledger(tmp_path / "a.jsonl").records()

@@ -88,3 +88,19 @@ def test_log_var_equals_statsmodels_var_on_log_values():
     dead = prompts.copy()
     dead[0, -20:, 1] = 0.0  # a predator that died out: log1p, still finite and non-negative in the mean
     assert np.all(np.isfinite(log_var_forecast(dead, 10)))
+
+
+def test_ode_forecaster_fits_each_series_on_its_own_time_axis():
+    """Series sampled at different times: each is fitted and integrated on its own axis (a shared
+    uniform axis would misplace the irregularly sampled ones; a rescaled one the rates absorb)."""
+    parameters = sample_parameters(4, np.random.default_rng(3))
+    uniform, irregular = np.linspace(0, 100, 100), 150 * np.linspace(0, 1, 100) ** 1.5
+    trajectories = np.concatenate(
+        [integrate({k: v[:2] for k, v in parameters.items()}, np.full((2, 2), 1.0), uniform),
+         integrate({k: v[2:] for k, v in parameters.items()}, np.full((2, 2), 1.0), irregular)]
+    )  # fmt: skip
+    times = np.stack([uniform, uniform, irregular, irregular])
+    forecast = lotka_volterra_forecast(trajectories[:, :50], times, 50)
+    np.testing.assert_allclose(forecast, trajectories[:, 50:], rtol=1e-2, atol=1e-3)
+    shared = lotka_volterra_forecast(trajectories[:, :50], uniform, 50)  # the irregular series on the uniform axis
+    assert np.abs(shared[2:] - trajectories[2:, 50:]).max() > 0.1
