@@ -239,7 +239,7 @@ def predict_bounds(trainer: L.Trainer, module: L.LightningModule, flop_model: Fl
     costliest (ranks may hold different batches, so nothing is settled batch by batch)."""
     loader = trainer.datamodule.predict_dataloader()
     bounds = [module.generation_shape(batch).flops(flop_model) for batch in loader]
-    if trainer.world_size > 1:
+    if trainer.world_size > 1 and bounds:
         batches = len(batch_sizes(len(loader.dataset), loader.batch_size, trainer.world_size))
         bounds = [trainer.world_size * max(bounds)] * batches
     return bounds[: limit_batches(len(bounds), trainer.limit_predict_batches)]

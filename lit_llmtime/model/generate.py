@@ -36,6 +36,8 @@ class GenerationShape:
     def flops(self, flop_model: FlopModel, new_tokens: int | None = None) -> float:
         """FLOPs of this generation: at most, or with ``new_tokens`` tokens written per row."""
         tokens = self.max_new_tokens if new_tokens is None else new_tokens
+        if self.rows == 0:
+            return 0.0
         prefills = self.rows if self.prefills is None else self.prefills
         return prefills * flop_model.generation(
             self.prompt_tokens,
@@ -181,13 +183,12 @@ class _Decoder:
         cache_position = torch.arange(self.length, device=self.input_ids.device)
         return self._forward(self.input_ids, self.mask, positions, cache_position)
 
-    def repeat(self, times: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Give every prompt ``times`` rows (samples), each with a copy of its prefilled cache;
-        returns the prefill's ``hidden`` repeated the same way (dynamic cache only)."""
+    def repeat(self, times: int) -> None:
+        """Give every prompt ``times`` adjacent rows (samples), each with a copy of its prefilled
+        cache (dynamic cache only)."""
         self.cache.batch_repeat_interleave(times)
         self.mask = self.mask.repeat_interleave(times, dim=0)
         self.position = self.position.repeat_interleave(times, dim=0)
-        return hidden.repeat_interleave(times, dim=0)
 
     def step(self, tokens: torch.Tensor, index: int) -> torch.Tensor:
         """Hidden state after the ``index``-th new token (0-based) of every row."""
@@ -220,8 +221,9 @@ def generate(
     Our own loop rather than ``generate``: nothing from a model folder's generation_config
     (sampling, repetition penalty, top-k) can change a forecast; the grammar masks the scores
     before temperature and top-p; and only the output rows the grammar can allow are computed.
-    ``num_samples > 1`` samples that many continuations per prompt; 1 is greedy. ``progress`` is
-    called after every token with the grammar, the tokens so far and the seconds so far.
+    ``num_samples > 1`` samples that many continuations per prompt (adjacent rows: with the growing
+    cache they share the prompt's one prefill, with a static one each row prefills); 1 is greedy.
+    ``progress`` is called after every token with the grammar, the tokens so far and the seconds.
     ``static`` uses a preallocated KV cache and ``compile`` compiles the per-token step (CUDA).
     """
     start = time.perf_counter()
@@ -231,10 +233,10 @@ def generate(
         attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
     columns = grammar.token_ids.to(input_ids.device) if grammar.mode != "none" else None
     decoder = _Decoder(model, input_ids, attention_mask, max_new_tokens, static, compile)
-    hidden = decoder.prefill()
-    if num_samples > 1 and not static:  # one prefill per prompt, its cache copied to each sample
-        hidden = decoder.repeat(num_samples, hidden)
-    logits = _head_logits(head, hidden, columns)
+    logits = _head_logits(head, decoder.prefill(), columns)
+    if num_samples > 1 and not static:  # one prefill (and head) per prompt, copied to each sample
+        decoder.repeat(num_samples)
+        logits = logits.repeat_interleave(num_samples, dim=0)
     tokens = []
     for index in range(max_new_tokens):
         chosen = _choose(grammar.mask(logits), temperature, top_p, num_samples > 1, generator)
