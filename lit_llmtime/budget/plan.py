@@ -223,8 +223,7 @@ def validation_forecast_bound(config: Any, accounting: Accounting | None = None)
         return 0.0
     batch = next(iter(loaders[1]))
     forecast = as_args(ForecastArgs, config.model.forecast)
-    encoding = data.encoding
-    grammar = batch_grammar(data.tokenizer, batch, forecast, encoding.decimals, batch["horizon"], encoding.transform)
+    grammar = batch_grammar(data.tokenizer, batch, forecast, data.encoding, batch["horizon"])
     shape = generation_shape(batch["input_ids"], grammar, static_generation(forecast.compile, on_cuda(config.trainer)))
     per_prompt = shape.flops(flop_model_of(config, accounting)) / len(batch["input_ids"])
     return forecast_pass_flops(per_prompt, len(loaders[1].dataset), world_size(config.trainer))
@@ -241,7 +240,7 @@ def plan_predict(config: Any, accounting: Accounting | None = None) -> tuple[int
     static = static_generation(forecast.compile, on_cuda(config.trainer))
     total = 0.0
     for batch in data.predict_dataloader():
-        grammar = batch_grammar(data.tokenizer, batch, forecast, data.encoding.decimals, None, data.encoding.transform)
+        grammar = batch_grammar(data.tokenizer, batch, forecast, data.encoding)
         total += generation_shape(batch["input_ids"], grammar, static).flops(flop_model)
     return len(data.datasets["predict"]), total
 

@@ -169,9 +169,7 @@ class SeriesDataModule(L.LightningDataModule):
         strides = {"train": self.train_stride, "val": self.val_stride, "test": self.val_stride}
         for split, indices in self.splits.items():
             chosen = [values[i] for i in indices]
-            texts = encode_trajectories(
-                chosen, self.alphas[indices], self.encoding.decimals, indices, self.encoding.transform
-            )
+            texts = encode_trajectories(chosen, self.alphas[indices], self.encoding, indices)
             token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
             per_step = (len(ids) / len(v) for ids, v in zip(token_ids, chosen, strict=True))
             tokens_per_step = math.ceil(max(per_step, default=0))
@@ -219,10 +217,7 @@ class SeriesDataModule(L.LightningDataModule):
                 f"{self.hparams.data_path}: {where}encoding.prompt_steps={steps} leaves nothing to forecast "
                 f"in trajectories of {short[0][1]} steps"
             )
-        encoding = self.encoding
-        texts = prompt_texts(
-            [v[:steps] for v in values], self.alphas[indices], encoding.decimals, indices, encoding.transform
-        )
+        texts = prompt_texts([v[:steps] for v in values], self.alphas[indices], self.encoding, indices)
         token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         return Prompts(indices, values, self.alphas[indices], token_ids)
 

@@ -29,21 +29,21 @@ def scale_alphas(
 
 
 def encode_trajectories(
-    trajectories: np.ndarray, alphas: np.ndarray, decimals: int = 2, indices=None, transform: str = "none"
+    trajectories: list[np.ndarray], alphas: np.ndarray, encoding: EncodingArgs, indices=None
 ) -> list[str]:
     """LLMTIME texts of ``trajectories`` at the given scales (named by ``indices`` in errors)."""
     indices = range(len(trajectories)) if indices is None else indices
     return [
-        encode(trajectory, alpha=alpha, decimals=decimals, name=f"sample {index}", transform=transform)[0]
+        encode(
+            trajectory, alpha=alpha, decimals=encoding.decimals, name=f"sample {index}", transform=encoding.transform
+        )[0]
         for index, trajectory, alpha in zip(indices, trajectories, alphas, strict=True)
     ]
 
 
-def prompt_texts(
-    prompts: list[np.ndarray], alphas: np.ndarray, decimals: int, names=None, transform: str = "none"
-) -> list[str]:
+def prompt_texts(prompts: list[np.ndarray], alphas: np.ndarray, encoding: EncodingArgs, names=None) -> list[str]:
     """Each prompt's LLMTIME text, ending in ``;`` so that the model writes the next step."""
-    return [text + STEP_SEPARATOR for text in encode_trajectories(prompts, alphas, decimals, names, transform)]
+    return [text + STEP_SEPARATOR for text in encode_trajectories(prompts, alphas, encoding, names)]
 
 
 class Prompts(Dataset):
@@ -109,12 +109,10 @@ def collate_prompts(
     return batch if horizon is None else batch | {"horizon": horizon}
 
 
-def prompt_batches(
-    tokenizer, series: SeriesSet, alphas: np.ndarray, decimals: int, batch_size: int, device, transform: str = "none"
-):
+def prompt_batches(tokenizer, series: SeriesSet, alphas: np.ndarray, encoding: EncodingArgs, batch_size: int, device):
     """Batches of ``batch_size`` series as LLMTIME prompts (ending in ``;``): left-padded token ids
     and, left-padded with NaN alike, the (B, longest, D) values, with their scales."""
-    texts = prompt_texts(series.values, alphas, decimals, series.ids, transform)
+    texts = prompt_texts(series.values, alphas, encoding, series.ids)
     token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     for start in range(0, len(texts), batch_size):
         rows = list(range(start, min(start + batch_size, len(texts))))

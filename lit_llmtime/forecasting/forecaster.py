@@ -301,9 +301,7 @@ class Forecaster:
         if self._planned is not None and all(a is b for a, b in zip(self._planned[0], key, strict=True)):
             plan, self._planned = self._planned[1], None
             return plan
-        grammar = batch_grammar(
-            self.tokenizer, batch, settings, self.encoding.decimals, horizon, self.encoding.transform
-        )
+        grammar = batch_grammar(self.tokenizer, batch, settings, self.encoding, horizon)
         self._planned = (key, (grammar, generation_shape(batch["input_ids"], grammar, self.compile)))
         return self._planned[1]
 
@@ -384,10 +382,7 @@ class Forecaster:
         settings = self.settings if num_samples is None else replace(self.settings, num_samples=num_samples)
         device = next(self.model.parameters()).device
         done = []
-        encoding = self.encoding
-        batches = prompt_batches(
-            self.tokenizer, series, alphas, encoding.decimals, batch_size, device, encoding.transform
-        )
+        batches = prompt_batches(self.tokenizer, series, alphas, self.encoding, batch_size, device)
         for number, batch in enumerate(batches, start=1):
             description = f"forecast batch {number} of {-(-len(values) // batch_size)}"
             with StepProgress(horizon, description, disable=None if progress else True) as bar:  # None: a terminal's

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache, StaticCache
 
-from lit_llmtime.config import ForecastArgs
+from lit_llmtime.config import EncodingArgs, ForecastArgs
 from lit_llmtime.model.flops import FlopModel
 from lit_llmtime.text.codec import decode, transformed
 from lit_llmtime.text.grammar import LLMTimeGrammar
@@ -60,21 +60,23 @@ def cache_capacity(prompt_tokens: int, max_new_tokens: int) -> int:
 
 
 def batch_grammar(
-    tokenizer, batch: dict, forecast: ForecastArgs, decimals: int, steps: int | None = None, transform: str = "none"
+    tokenizer, batch: dict, forecast: ForecastArgs, encoding: EncodingArgs, steps: int | None = None
 ) -> LLMTimeGrammar:
     """The decoding constraint of a batch of prompts (one row per prompt and sample), for ``steps``
-    steps (default ``forecast.horizon``), its value bound written as the encoding's ``transform`` writes values."""
+    steps (default ``forecast.horizon``): numbers with the encoding's decimals, the value bound
+    written as its transform writes values."""
+    bounded = forecast.max_prompt_multiple is not None
     return LLMTimeGrammar(
         tokenizer,
         batch_size=len(batch["input_ids"]) * forecast.num_samples,
         steps=forecast.horizon if steps is None else steps,
-        decimals=decimals,
+        decimals=encoding.decimals,
         max_integer_digits=forecast.max_integer_digits,
         allow_negative=bool((batch["prompt"] < 0).any()),
         n_variables=batch["prompt"].shape[-1],
         mode=forecast.constrained,
         device=batch["input_ids"].device,
-        max_values=None if forecast.max_prompt_multiple is None else largest_values(batch, forecast, transform),
+        max_values=largest_values(batch, forecast, encoding.transform) if bounded else None,
     )
 
 

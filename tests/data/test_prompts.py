@@ -54,7 +54,7 @@ def test_the_forecaster_writes_the_data_modules_prompts(tmp_path):
     contexts = [values[38, :50], values[39, :50]]
     prediction = forecaster.predict(contexts, horizon=2)
     np.testing.assert_array_equal(prediction.alpha, data.alphas[[38, 39]])
-    (batch,) = prompt_batches(data.tokenizer, from_arrays(contexts), prediction.alpha, 2, 16, "cpu")
+    (batch,) = prompt_batches(data.tokenizer, from_arrays(contexts), prediction.alpha, data.encoding, 16, "cpu")
     assert [
         row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
     ] == predict

@@ -198,11 +198,12 @@ def test_every_step_is_scored_with_the_stated_rule():
 
 
 def test_forecasts_stay_within_the_multiple_of_their_prompts_largest_value(random_model, tokenizer, prompts):
-    from lit_llmtime.config import ForecastArgs
+    from lit_llmtime.config import EncodingArgs, ForecastArgs
     from lit_llmtime.model.generate import batch_grammar, largest_values
 
     settings = ForecastArgs(horizon=6, max_prompt_multiple=1.5, num_samples=2, temperature=3.0)
-    unbounded = batch_grammar(tokenizer, prompts, ForecastArgs(horizon=6, max_prompt_multiple=None, num_samples=2), 2)
+    unbounded_settings = ForecastArgs(horizon=6, max_prompt_multiple=None, num_samples=2)
+    unbounded = batch_grammar(tokenizer, prompts, unbounded_settings, EncodingArgs())
     assert unbounded.bound is None
     bounds = largest_values(prompts, settings)
     scaled = [
@@ -211,7 +212,7 @@ def test_forecasts_stay_within_the_multiple_of_their_prompts_largest_value(rando
     np.testing.assert_allclose(bounds.numpy(), np.repeat(1.5 * np.array(scaled), 2, axis=0))  # (rows, variables)
     logged = largest_values(prompts, settings, transform="log")  # the same bound, as the log encoding writes it
     np.testing.assert_allclose(logged.numpy(), np.log1p(bounds.numpy() / 0.01))
-    grammar = batch_grammar(tokenizer, prompts, settings, decimals=2)
+    grammar = batch_grammar(tokenizer, prompts, settings, EncodingArgs(decimals=2))
     generation = generate(
         random_model, prompts["input_ids"], prompts["attention_mask"], grammar, 6 * grammar.max_step_tokens,
         num_samples=2, temperature=3.0, generator=torch.Generator().manual_seed(0),
