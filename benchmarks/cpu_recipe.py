@@ -1,10 +1,10 @@
 """LoRA fine-tuning against the untrained model on held-out simulated trajectories (opt-in, slow).
 
 Runs, through the ``lit-llmtime`` command, ``configs/qwen2.5-0.5b/cpu-finetune.yaml`` on a real
-pretrained Qwen2.5 0.5B: forecasts of the test samples 972 and 990-999 by the untrained model,
-the LoRA fit, then forecasts by every checkpoint it saved; prints one markdown table (mean MAE,
-MASE and R² per species, wall time) for benchmarks/README.md, "Forecast skill". About 75 minutes on
-2 CPU cores.
+pretrained Qwen2.5 0.5B: forecasts of the config's predict series (the whole test split, 100) by
+the untrained model, the LoRA fit, then forecasts by every checkpoint it saved; prints one
+markdown table (mean MAE, MASE and R² per species, wall time). About two hours and a quarter on 2
+CPU cores (a fit of about 90 minutes, then about 20 minutes per predict).
 
     python benchmarks/cpu_recipe.py ~/.cache/lit-llmtime/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 """
